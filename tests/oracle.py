@@ -25,3 +25,43 @@ def diffusers_unet(cfg: UNetConfig):
         addition_time_embed_dim=cfg.time_id_dim if cfg.adm_dim else None,
         projection_class_embeddings_input_dim=cfg.adm_dim or None,
     )
+
+
+def char_tokenizer(folder: str, pad: str = "<|endoftext|>"):
+    """A tiny char-level CLIPTokenizer (no merges, 514 ids) saved to `folder`, no download.
+    SD1.5 / SDXL tokenizer pads with "<|endoftext|>", SDXL tokenizer_2 with "!"."""
+    import json
+    import os
+    from transformers import CLIPTokenizer
+    # GPT-2's byte -> printable-unicode table, the alphabet CLIP's BPE vocab is written in
+    # (printable bytes map to themselves, the rest to 256+n; "!" gets id 0 as in CLIP's vocab)
+    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
+    chars = [chr(c) for c in bs + [256 + n for n in range(256 - len(bs))]]
+    words = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({w: i for i, w in enumerate(words)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                        pad_token=pad, model_max_length=77)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def diffusers_vae(cfg):
+    """The diffusers AutoencoderKL equivalent to vae.VAEConfig `cfg` (random init)."""
+    from diffusers import AutoencoderKL
+    n = len(cfg.channels)
+    return AutoencoderKL(
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * n,
+        up_block_types=("UpDecoderBlock2D",) * n,
+        block_out_channels=cfg.channels,
+        layers_per_block=cfg.n_res,  # diffusers' decoder adds one per level, as ours does
+        latent_channels=cfg.latent,
+        norm_num_groups=cfg.groups,
+        scaling_factor=cfg.scale,
+        force_upcast=cfg.upcast,
+    )
