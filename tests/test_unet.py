@@ -1,4 +1,4 @@
-"""unet.py: parity with diffusers, key layout, attention-map capture, checkpointing, timestep forms."""
+"""unet.py: diffusers parity, key layout, attention-map capture, checkpointing, timestep forms."""
 import pytest
 import torch
 
