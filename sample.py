@@ -1,0 +1,333 @@
+"""Sampling for SD1.5 / SDXL: the noise schedule, one differentiable `denoise` loop (DDIM eta=0 or DDPM
+ancestral) shared by training and sampling, classifier-free guidance as a closure, prompt encoding, and the CLI.
+
+Schedule and steps follow diffusers' DDIMScheduler / DDPMScheduler with the SD config (scaled-linear betas,
+"leading" spacing, steps_offset 1, no clipping); see ../shared/spec/sdxl.md section 6.
+Shapes: B batch, C latent channels, H, W latent size, T text tokens (77), D context width.
+Usage: python sample.py "a red cat" --model path/to/sdxl --steps 30 --seed 0
+"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+import warnings
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from unet import TINY_SD15, TINY_SDXL, UNet
+from vae import TINY_VAE, VAE
+from weights import Pipeline, load_pipeline, load_state, load_strict
+
+# --- noise schedule and the two update rules ---
+
+
+def alphas_cumprod(n_train=1000, beta_start=0.00085, beta_end=0.012):
+    """abar_t for SD's "scaled_linear" betas, in fp32 exactly as diffusers computes them."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, n_train, dtype=torch.float32) ** 2
+    return torch.cumprod(1.0 - betas, dim=0)  # (n_train,)
+
+
+def timesteps(n, n_train=1000, offset=1):
+    """'Leading' spacing: n=50 gives [981, 961, ..., 21, 1]."""
+    return [i * (n_train // n) + offset for i in reversed(range(n))]
+
+
+def step(x, eps, t, t_prev, abar, sampler, noise=None):
+    """One reverse step x_t -> x_prev (DDIM with eta=0, or DDPM ancestral with "fixed_small" variance).
+
+    Written in the same operation order as diffusers so float64 runs agree to the last bits. The last
+    step has t_prev < 0: DDIM then uses abar[0] (set_alpha_to_one=False), DDPM uses 1, so DDPM's final
+    sample is exactly the x0 prediction (plus ~1e-10 noise).
+    """
+    a_t = abar[t]
+    a_p = abar[t_prev] if t_prev >= 0 else (abar[0] if sampler == "ddim" else torch.ones_like(a_t))
+    x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5  # epsilon prediction -> x0 prediction
+    if sampler == "ddim":
+        return a_p**0.5 * x0 + (1 - a_p) ** 0.5 * eps
+    alpha, beta = a_t / a_p, 1 - a_t / a_p  # this step's own alpha and beta
+    mean = (a_p**0.5 * beta) / (1 - a_t) * x0 + alpha**0.5 * (1 - a_p) / (1 - a_t) * x
+    var = torch.clamp((1 - a_p) / (1 - a_t) * beta, min=1e-20)
+    return mean + var**0.5 * noise
+
+
+def pick_grad_steps(mode, n, k, rng):
+    """Indices (0 = noisiest) of the denoising steps whose UNet call builds a graph.
+
+    comat:  K evenly spaced steps with a random offset (official: n=50, K=5 -> {s, s+10, ..., s+40}, s in 0..9)
+    last:   the last K steps (DRaFT-K)
+    single: one step drawn uniformly (AlignProp / ReFL style random cut)
+    """
+    if mode == "comat":
+        interval = n // k
+        start = rng.randint(0, n - interval * (k - 1) - 1)
+        return tuple(start + j * interval for j in range(k))
+    if mode == "last":
+        return tuple(range(n - k, n))
+    if mode == "single":
+        return (rng.randrange(n),)
+    raise ValueError(f"unknown gradient mode {mode!r} (comat, last, single)")
+
+
+def denoise(eps_fn, x, ts, abar, sampler="ddim", grad_steps=(), detach=True, generator=None,
+            progress=False):
+    """Run the reverse chain from x = x_T (B, C, H, W) over timesteps ts and return the final latent.
+
+    Gradient truncation: steps before min(grad_steps) run entirely without a graph. From there on the
+    scheduler update stays in the graph, so a loss on the result reaches every chosen step along the
+    linear latent path; the UNet itself (eps_fn) builds a graph only at the steps in grad_steps. With
+    detach=True the UNet input is detached at those steps (official SDXL path), with detach=False the
+    gradient also flows through the UNet's input Jacobian into earlier steps (official SD1.5 path).
+    eps_fn(x, t) -> eps is any callable, e.g. the CFG closure below.
+    """
+    n_train, first = len(abar), min(grad_steps, default=len(ts))
+    for i, t in enumerate(tqdm(ts, disable=not progress, desc="denoise")):
+        t_prev = t - n_train // len(ts)
+        noise = None
+        if sampler == "ddpm":  # one draw per step, in diffusers' order, so seeded runs match it
+            noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= first):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and i in grad_steps):
+                eps = eps_fn(x.detach() if detach or i not in grad_steps else x, t)
+            x = step(x, eps, t, t_prev, abar.to(x.device), sampler, noise)
+    return x
+
+
+def cfg_fn(unet, ctx, uncond, scale, pooled=None, upooled=None, ids=None):
+    """Classifier-free guidance as a closure: eps = eps_u + scale * (eps_c - eps_u).
+
+    One UNet call on the batch [uncond; cond] (diffusers' order). scale <= 1 runs the conditional
+    branch alone, as diffusers does.
+    """
+    if scale <= 1:
+        return lambda x, t: unet(x, t, ctx, pooled, ids)
+    c = torch.cat([uncond, ctx])  # (2B, T, D)
+    p = None if pooled is None else torch.cat([upooled, pooled])
+    i2 = None if ids is None else torch.cat([ids, ids])
+
+    def eps(x, t):
+        e_u, e_c = unet(torch.cat([x, x]), t, c, p, i2).chunk(2)
+        return e_u + scale * (e_c - e_u)
+    return eps
+
+
+# --- text conditioning ---
+
+
+def tokenize(tok, prompts):
+    """Pad/truncate to the tokenizer's length (77), warning about what truncation drops."""
+    for p in prompts:
+        if len(tok(p).input_ids) > tok.model_max_length:
+            warnings.warn(f"prompt longer than {tok.model_max_length} tokens, truncated: {p[:60]!r}...")
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+
+
+def encode_prompt(pipe, prompts):
+    """Text context (B, T, D) and, for SDXL, the pooled embedding (B, 1280).
+
+    SD1.5: CLIP-L's last hidden state (after the final LayerNorm). SDXL: both encoders' penultimate
+    hidden states concatenated (L then G) and encoder 2's projected pooled output.
+    """
+    dev = next(pipe.encoders[0].parameters()).device
+    if not pipe.sdxl:
+        return pipe.encoders[0](tokenize(pipe.tokenizers[0], prompts).to(dev))[0], None
+    hidden, pooled = [], None
+    for tok, enc in zip(pipe.tokenizers, pipe.encoders):
+        out = enc(tokenize(tok, prompts).to(dev), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])  # input of the last layer, not final-normed
+        pooled = out[0]  # for CLIPTextModelWithProjection: text_embeds
+    return torch.cat(hidden, dim=-1), pooled
+
+
+def conditioning(pipe, prompts, negative=None):
+    """(ctx, uncond, pooled, upooled) for CFG. negative=None uses each model's default: SDXL all
+    zeros (force_zeros_for_empty_prompt), SD1.5 the encoding of ""."""
+    ctx, pooled = encode_prompt(pipe, prompts)
+    if pipe.sdxl and negative is None:
+        return ctx, torch.zeros_like(ctx), pooled, torch.zeros_like(pooled)
+    uncond, upooled = encode_prompt(pipe, [negative or ""] * len(prompts))
+    return ctx, uncond, pooled, upooled
+
+
+def time_ids(h, w, batch):
+    """SDXL micro-conditioning (B, 6): original size, crop top-left, target size; height first."""
+    return torch.tensor([[h, w, 0, 0, h, w]], dtype=torch.float32).repeat(batch, 1)
+
+
+def decode(pipe, z):
+    """Latents (B, C, H, W) -> image (B, 3, 8H, 8W) in [0, 1], not clamped (training keeps the graph).
+    The VAE runs in its own dtype: the loader keeps SDXL's in fp32 because it overflows fp16."""
+    dtype = next(pipe.vae.parameters()).dtype
+    return pipe.vae.decode(z.to(dtype) / pipe.vae.cfg.scale) / 2 + 0.5
+
+
+# --- the tiny random preset (until the toy world ships a trained default) ---
+
+
+def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
+    """A CLIP BPE tokenizer built offline: byte-level characters plus merges that make each of
+    `words` a single token. Stands in for the real vocabulary in tests and tiny models."""
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's printable byte map
+    cs = bs + [256 + n for n in range(256 - len(bs))]
+    bs += [b for b in range(256) if b not in bs]
+    chars = [chr(c) for _, c in sorted(zip(bs, cs))]
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = []
+    for w in words:
+        for j in range(2, len(w) + 1):  # "red": "r e" -> "re", "re d</w>" -> "red</w>"
+            a, b = w[: j - 1], w[j - 1] + ("</w>" if j == len(w) else "")
+            if f"{a} {b}" not in merges:
+                merges.append(f"{a} {b}")
+                vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=max_len)
+
+
+def tiny_pipeline(sdxl=False, seed=0):
+    """Random-weight tiny SD1.5-like or SDXL-like pipeline: its pictures are noise, it exists so that
+    everything runs on a laptop without downloaded weights."""
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, projection_dim=32)
+    encoders = [CLIPTextModel(text)]
+    tokenizers = [tok]
+    if sdxl:
+        encoders.append(CLIPTextModelWithProjection(text))
+        tokenizers.append(clip_tokenizer(pad="!"))
+    for e in encoders:
+        e.requires_grad_(False).eval()
+    return Pipeline(UNet(TINY_SDXL if sdxl else TINY_SD15), VAE(TINY_VAE), tokenizers, encoders, sdxl)
+
+
+def load(model, device="cpu", dtype=torch.float32):
+    """A preset name ("tiny", "tiny-sdxl") or a path (diffusers folder or single file)."""
+    if model not in ("tiny", "tiny-sdxl"):
+        return load_pipeline(model, device, dtype)
+    pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
+    for m in (pipe.unet, pipe.vae, *pipe.encoders):
+        m.to(device, dtype)
+    return pipe
+
+
+def merge_lora(unet, sd):
+    """Merge LoRA weights into the UNet: W += (alpha / r) * up @ down for each adapted Linear.
+
+    Accepts diffusers/peft keys (`unet.<module>.lora_A.weight`, `lora_B.weight`) and the older
+    `<module>.lora.down.weight` / `lora.up.weight`; an optional `<module>.alpha` sets the scale.
+    """
+    names = {k.removeprefix("unet.").removesuffix(".lora_A.weight").removesuffix(".lora.down.weight")
+             for k in sd if k.endswith((".lora_A.weight", ".lora.down.weight"))}
+    if not names:
+        raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
+    mods = dict(unet.named_modules())
+    for n in sorted(names):
+        if n not in mods:
+            raise ValueError(f"LoRA targets a module the UNet does not have: {n}")
+        pre = next(p for p in ("unet." + n, n) if p + ".lora_A.weight" in sd
+                   or p + ".lora.down.weight" in sd)
+        down = sd.get(pre + ".lora_A.weight", sd.get(pre + ".lora.down.weight"))
+        up = sd.get(pre + ".lora_B.weight", sd.get(pre + ".lora.up.weight"))
+        alpha = sd.get(pre + ".alpha")
+        w = mods[n].weight
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        w.data += scale * (up.to(w) @ down.to(w))  # (out, r) @ (r, in)
+
+
+# --- CLI ---
+
+
+def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=0, negative=None,
+             latents=None, progress=True):
+    """Prompts -> images (B, 3, size, size) in [0, 1]; the whole loop under no_grad."""
+    f = 2 ** (len(pipe.vae.cfg.channels) - 1)  # VAE downsampling factor (8 for SD)
+    dev, dtype = pipe.unet.conv_in.weight.device, pipe.unet.conv_in.weight.dtype
+    g = torch.Generator(dev).manual_seed(seed)
+    with torch.no_grad():
+        ctx, uncond, pooled, upooled = conditioning(pipe, prompts, negative)
+        ids = time_ids(size, size, len(prompts)).to(dev, dtype) if pipe.sdxl else None
+        if latents is None:
+            shape = (len(prompts), pipe.unet.cfg.in_channels, size // f, size // f)
+            latents = torch.randn(shape, generator=g, device=dev, dtype=dtype)
+        eps = cfg_fn(pipe.unet, ctx.to(dtype), uncond.to(dtype), scale,
+                     *(None, None) if pooled is None else (pooled.to(dtype), upooled.to(dtype)), ids)
+        z = denoise(eps, latents, timesteps(steps), alphas_cumprod(), sampler, generator=g,
+                    progress=progress)
+        return decode(pipe, z).clamp(0, 1).float()
+
+
+def save_images(images, path, cols):
+    """Write one PNG (a grid when several images), atomically: temp file, then rename."""
+    b, _, h, w = images.shape
+    rows = (b + cols - 1) // cols
+    grid = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, img in enumerate(images):
+        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
+        grid.paste(Image.fromarray(arr), ((i % cols) * w, (i // cols) * h))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    grid.save(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL (or a CoMat fine-tune).")
+    ap.add_argument("prompt", nargs="*", help="one or more prompts")
+    ap.add_argument("--prompts", help="text file, one prompt per line")
+    ap.add_argument("--model", default="tiny", help="tiny | tiny-sdxl | diffusers folder | .safetensors")
+    ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
+    ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) merged into the UNet")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 disables CFG")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n", type=int, default=1, help="images per prompt")
+    ap.add_argument("--size", type=int, help="image side in pixels (default: 1024 SDXL, 512 SD1.5)")
+    ap.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="out/sample.png")
+    a = ap.parse_args(argv)
+
+    prompts = list(a.prompt)
+    if a.prompts:
+        if not os.path.isfile(a.prompts):
+            sys.exit(f"error: prompts file not found: {a.prompts}")
+        prompts += [ln.strip() for ln in open(a.prompts, encoding="utf-8") if ln.strip()]
+    if not prompts:
+        sys.exit("error: no prompt given (pass prompts as arguments or --prompts FILE)")
+    if a.steps < 1 or a.steps > 1000 or a.n < 1:
+        sys.exit("error: --steps must be in 1..1000 and --n >= 1")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+    try:
+        pipe = load(a.model, a.device, dtype)
+        if a.unet:
+            load_strict(pipe.unet, {k: v.to(a.device, dtype) for k, v in load_state(a.unet).items()},
+                        f"UNet weights {a.unet}")
+        if a.lora:
+            merge_lora(pipe.unet, load_state(a.lora))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    f = 2 ** (len(pipe.vae.cfg.channels) - 1)
+    size = a.size or (64 if a.model.startswith("tiny") else 1024 if pipe.sdxl else 512)
+    if size % f or not f * 4 <= size <= 4096:
+        sys.exit(f"error: --size must be a multiple of {f} between {4 * f} and 4096, got {size}")
+    if a.model.startswith("tiny"):
+        print("note: the tiny preset has random weights; its pictures are noise")
+
+    images = []
+    for i in range(a.n):  # a different seed per image row keeps each image independent of --n
+        images.append(generate(pipe, prompts, a.steps, a.cfg, size, a.sampler, a.seed + i))
+    images = torch.stack(images, 1).flatten(0, 1)  # (prompts * n, 3, size, size)
+    save_images(images, a.out, cols=a.n if len(prompts) > 1 else min(a.n, 4))
+    print(f"wrote {a.out} ({len(images)} image{'s' if len(images) > 1 else ''}, {size}x{size})")
+
+
+if __name__ == "__main__":
+    main()
