@@ -10,17 +10,13 @@ import argparse
 import os
 import random
 import sys
-import tempfile
 import warnings
 
 import torch
-from PIL import Image
 from tqdm import tqdm
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from unet import TINY_SD15, TINY_SDXL, UNet
-from vae import TINY_VAE, VAE
-from weights import Pipeline, load_pipeline, load_state, load_strict
+import viz
+from weights import load, load_state, load_strict, merge_lora
 
 # --- noise schedule and the two update rules ---
 
@@ -165,81 +161,6 @@ def decode(pipe, z):
     return pipe.vae.decode(z.to(dtype) / pipe.vae.cfg.scale) / 2 + 0.5
 
 
-# --- the tiny random preset (until the toy world ships a trained default) ---
-
-
-def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
-    """A CLIP BPE tokenizer built offline: byte-level characters plus merges that make each of
-    `words` a single token. Stands in for the real vocabulary in tests and tiny models."""
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's printable byte map
-    cs = bs + [256 + n for n in range(256 - len(bs))]
-    bs += [b for b in range(256) if b not in bs]
-    chars = [chr(c) for _, c in sorted(zip(bs, cs))]
-    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
-    merges = []
-    for w in words:
-        for j in range(2, len(w) + 1):  # "red": "r e" -> "re", "re d</w>" -> "red</w>"
-            a, b = w[: j - 1], w[j - 1] + ("</w>" if j == len(w) else "")
-            if f"{a} {b}" not in merges:
-                merges.append(f"{a} {b}")
-                vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=max_len)
-
-
-def tiny_pipeline(sdxl=False, seed=0):
-    """Random-weight tiny SD1.5-like or SDXL-like pipeline: its pictures are noise, it exists so that
-    everything runs on a laptop without downloaded weights."""
-    torch.manual_seed(seed)
-    tok = clip_tokenizer()
-    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
-                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
-                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                          pad_token_id=tok.pad_token_id, projection_dim=32)
-    encoders = [CLIPTextModel(text)]
-    tokenizers = [tok]
-    if sdxl:
-        encoders.append(CLIPTextModelWithProjection(text))
-        tokenizers.append(clip_tokenizer(pad="!"))
-    for e in encoders:
-        e.requires_grad_(False).eval()
-    return Pipeline(UNet(TINY_SDXL if sdxl else TINY_SD15), VAE(TINY_VAE), tokenizers, encoders, sdxl)
-
-
-def load(model, device="cpu", dtype=torch.float32):
-    """A preset name ("tiny", "tiny-sdxl") or a path (diffusers folder or single file)."""
-    if model not in ("tiny", "tiny-sdxl"):
-        return load_pipeline(model, device, dtype)
-    pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
-    for m in (pipe.unet, pipe.vae, *pipe.encoders):
-        m.to(device, dtype)
-    return pipe
-
-
-def merge_lora(unet, sd):
-    """Merge LoRA weights into the UNet: W += (alpha / r) * up @ down for each adapted Linear.
-
-    Accepts diffusers/peft keys (`unet.<module>.lora_A.weight`, `lora_B.weight`) and the older
-    `<module>.lora.down.weight` / `lora.up.weight`; an optional `<module>.alpha` sets the scale.
-    """
-    names = {k.removeprefix("unet.").removesuffix(".lora_A.weight").removesuffix(".lora.down.weight")
-             for k in sd if k.endswith((".lora_A.weight", ".lora.down.weight"))}
-    if not names:
-        raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
-    mods = dict(unet.named_modules())
-    for n in sorted(names):
-        if n not in mods:
-            raise ValueError(f"LoRA targets a module the UNet does not have: {n}")
-        pre = next(p for p in ("unet." + n, n) if p + ".lora_A.weight" in sd
-                   or p + ".lora.down.weight" in sd)
-        down = sd.get(pre + ".lora_A.weight", sd.get(pre + ".lora.down.weight"))
-        up = sd.get(pre + ".lora_B.weight", sd.get(pre + ".lora.up.weight"))
-        alpha = sd.get(pre + ".alpha")
-        w = mods[n].weight
-        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
-        w.data += scale * (up.to(w) @ down.to(w))  # (out, r) @ (r, in)
-
-
 # --- CLI ---
 
 
@@ -262,26 +183,12 @@ def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=
         return decode(pipe, z).clamp(0, 1).float()
 
 
-def save_images(images, path, cols):
-    """Write one PNG (a grid when several images), atomically: temp file, then rename."""
-    b, _, h, w = images.shape
-    rows = (b + cols - 1) // cols
-    grid = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, img in enumerate(images):
-        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-        grid.paste(Image.fromarray(arr), ((i % cols) * w, (i // cols) * h))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    grid.save(tmp)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL (or a CoMat fine-tune).")
     ap.add_argument("prompt", nargs="*", help="one or more prompts")
     ap.add_argument("--prompts", help="text file, one prompt per line")
     ap.add_argument("--model", default="tiny", help="tiny | tiny-sdxl | diffusers folder | .safetensors")
+    ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) merged into the UNet")
     ap.add_argument("--steps", type=int, default=30)
@@ -306,7 +213,7 @@ def main(argv=None):
         sys.exit("error: --steps must be in 1..1000 and --n >= 1")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     try:
-        pipe = load(a.model, a.device, dtype)
+        pipe = load(a.model, a.device, dtype, a.text_from)
         if a.unet:
             load_strict(pipe.unet, {k: v.to(a.device, dtype) for k, v in load_state(a.unet).items()},
                         f"UNet weights {a.unet}")
@@ -325,7 +232,7 @@ def main(argv=None):
     for i in range(a.n):  # a different seed per image row keeps each image independent of --n
         images.append(generate(pipe, prompts, a.steps, a.cfg, size, a.sampler, a.seed + i))
     images = torch.stack(images, 1).flatten(0, 1)  # (prompts * n, 3, size, size)
-    save_images(images, a.out, cols=a.n if len(prompts) > 1 else min(a.n, 4))
+    viz.save_images(images, a.out, cols=a.n if len(prompts) > 1 else min(a.n, 4))
     print(f"wrote {a.out} ({len(images)} image{'s' if len(images) > 1 else ''}, {size}x{size})")
 
 

@@ -14,10 +14,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from unet import SD15, SDXL, UNet, UNetConfig
-from vae import SD15_VAE, SDXL_VAE, VAE, VAEConfig, rename_legacy_vae_keys
+from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet, UNetConfig
+from vae import SD15_VAE, SDXL_VAE, TINY_VAE, VAE, VAEConfig, rename_legacy_vae_keys
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
 
@@ -258,3 +258,77 @@ def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str 
         encoders.append(enc.to(device, dtype).requires_grad_(False).eval())
         tokenizers.append(CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True))
     return Pipeline(unet, vae, tokenizers, encoders, sdxl=ucfg.adm_dim > 0)
+
+
+# --- tiny random presets (until the toy world ships a trained default) and LoRA files ---
+
+
+def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
+    """A CLIP BPE tokenizer built offline: byte-level characters plus merges that make each of
+    `words` a single token. Stands in for the real vocabulary in tests and tiny models."""
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's printable byte map
+    cs = bs + [256 + n for n in range(256 - len(bs))]  # then the rest, shifted past 255
+    chars = [chr(c) for c in cs]  # CLIP's vocabulary order: "!" is id 0
+    vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
+    merges = []
+    for w in words:
+        for j in range(2, len(w) + 1):  # "red": "r e" -> "re", "re d</w>" -> "red</w>"
+            a, b = w[: j - 1], w[j - 1] + ("</w>" if j == len(w) else "")
+            if f"{a} {b}" not in merges:
+                merges.append(f"{a} {b}")
+                vocab.setdefault(a + b, len(vocab))
+    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=max_len)
+
+
+def tiny_pipeline(sdxl=False, seed=0):
+    """Random-weight tiny SD1.5-like or SDXL-like pipeline: its pictures are noise, it exists so that
+    everything runs on a laptop without downloaded weights."""
+    torch.manual_seed(seed)
+    tok = clip_tokenizer()
+    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                          num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                          bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, projection_dim=32)
+    encoders = [CLIPTextModel(text)]
+    tokenizers = [tok]
+    if sdxl:
+        encoders.append(CLIPTextModelWithProjection(text))
+        tokenizers.append(clip_tokenizer(pad="!"))
+    for e in encoders:
+        e.requires_grad_(False).eval()
+    return Pipeline(UNet(TINY_SDXL if sdxl else TINY_SD15), VAE(TINY_VAE), tokenizers, encoders, sdxl)
+
+
+def load(model, device="cpu", dtype=torch.float32, text_from=None):
+    """A preset name ("tiny", "tiny-sdxl") or a path (diffusers folder or single file)."""
+    if model not in ("tiny", "tiny-sdxl"):
+        return load_pipeline(model, device, dtype, text_from)
+    pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
+    for m in (pipe.unet, pipe.vae, *pipe.encoders):
+        m.to(device, dtype)
+    return pipe
+
+
+def merge_lora(unet, sd):
+    """Merge LoRA weights into the UNet: W += (alpha / r) * up @ down for each adapted Linear.
+
+    Accepts diffusers/peft keys (`unet.<module>.lora_A.weight`, `lora_B.weight`) and the older
+    `<module>.lora.down.weight` / `lora.up.weight`; an optional `<module>.alpha` sets the scale.
+    """
+    names = {k.removeprefix("unet.").removesuffix(".lora_A.weight").removesuffix(".lora.down.weight")
+             for k in sd if k.endswith((".lora_A.weight", ".lora.down.weight"))}
+    if not names:
+        raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
+    mods = dict(unet.named_modules())
+    for n in sorted(names):
+        if n not in mods:
+            raise ValueError(f"LoRA targets a module the UNet does not have: {n}")
+        pre = next(p for p in ("unet." + n, n) if p + ".lora_A.weight" in sd
+                   or p + ".lora.down.weight" in sd)
+        down = sd.get(pre + ".lora_A.weight", sd.get(pre + ".lora.down.weight"))
+        up = sd.get(pre + ".lora_B.weight", sd.get(pre + ".lora.up.weight"))
+        alpha = sd.get(pre + ".alpha")
+        w = mods[n].weight
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        w.data += scale * (up.to(w) @ down.to(w))  # (out, r) @ (r, in)

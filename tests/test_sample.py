@@ -9,6 +9,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
 from safetensors.torch import save_file
 
 import sample
+import weights
 from oracle import diffusers_unet, diffusers_vae
 
 SCHED = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
@@ -48,7 +49,7 @@ def test_steps_match_diffusers(sampler):
 
 def _pair(sdxl):
     """Our tiny pipeline and diffusers' pipeline built from the same components (float64)."""
-    pipe = sample.tiny_pipeline(sdxl=sdxl)
+    pipe = weights.tiny_pipeline(sdxl=sdxl)
     for m in (pipe.unet, pipe.vae, *pipe.encoders):
         m.double()
     unet, vae = diffusers_unet(pipe.unet.cfg).double(), diffusers_vae(pipe.vae.cfg).double()
@@ -97,7 +98,7 @@ def test_generation_matches_diffusers_pipeline(sdxl, sampler):
 
 def test_cfg_scale_one_is_conditional_only():
     torch.manual_seed(0)
-    pipe = sample.tiny_pipeline()
+    pipe = weights.tiny_pipeline()
     ctx, uncond, _, _ = sample.conditioning(pipe, ["a cat"])
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
@@ -158,17 +159,17 @@ def test_comat_grad_steps_are_evenly_spaced():
 
 def test_merge_lora(tmp_path):
     torch.manual_seed(0)
-    pipe = sample.tiny_pipeline()
+    pipe = weights.tiny_pipeline()
     name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_q"
     lin = dict(pipe.unet.named_modules())[name]
     down, up = torch.randn(3, lin.in_features), torch.randn(lin.out_features, 3)
     expect = lin.weight.detach() + 0.5 * up @ down
     save_file({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up,
                f"unet.{name}.alpha": torch.tensor(1.5)}, tmp_path / "l.safetensors")
-    sample.merge_lora(pipe.unet, sample.load_state(str(tmp_path / "l.safetensors")))
+    weights.merge_lora(pipe.unet, weights.load_state(str(tmp_path / "l.safetensors")))
     torch.testing.assert_close(lin.weight.detach(), expect)
     with pytest.raises(ValueError, match="no LoRA keys"):
-        sample.merge_lora(pipe.unet, {"x": down})
+        weights.merge_lora(pipe.unet, {"x": down})
 
 
 def test_cli_writes_png_and_rejects_bad_input(tmp_path, capsys):
@@ -188,7 +189,7 @@ def test_cli_writes_png_and_rejects_bad_input(tmp_path, capsys):
 
 
 def test_long_prompt_is_truncated_with_a_warning():
-    pipe = sample.tiny_pipeline()
+    pipe = weights.tiny_pipeline()
     with pytest.warns(UserWarning, match="truncated"):
         ctx, _ = sample.encode_prompt(pipe, ["a very long prompt " * 20])
     assert ctx.shape == (1, 77, 32)
