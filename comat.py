@@ -1,0 +1,198 @@
+"""CoMat losses: attribute concentration (token + pixel), concept matching, GAN; the discriminator.
+
+Source: CoMat (Jiang et al., NeurIPS 2024) official code, see shared/spec/comat-official.md 3.3-4.
+Shapes: B batch, heads attention heads, HW flattened latent pixels (h*w), T text tokens (77),
+K objects per sample (padded), H, W image or latent size.
+Usage: flag `m.store = True` on `loss_modules(unet)`, run the grad-enabled UNet call, then
+`tok, pix = attention_loss(attention_maps(mods), tokens, masks, valid)`; every loss is (B,).
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from unet import Attention, UNet, cross_attentions
+
+# --- collecting the cross-attention maps (style.md P8: explicit state, no hooks) ---
+
+
+def loss_modules(unet: UNet, where: tuple[str, ...] = ("mid", "up")) -> list[Attention]:
+    """The cross-attention modules whose maps feed the losses, in forward order.
+
+    Official (comat-official.md 3.3): mid and up blocks, never down; at 512 px that is every
+    attention-bearing mid/up level for both SD1.5 (10 maps) and SDXL (46 maps)."""
+    # names: "mid_block....attn2", "up_blocks.1....attn2", "down_blocks.0....attn2"
+    blocks = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
+    assert set(where) <= set(blocks), f"where: a subset of {tuple(blocks)}, got {where}"
+    return [m for name, m in cross_attentions(unet) if name.split(".")[0] in
+            {blocks[w] for w in where}]
+
+
+def attention_maps(modules: list[Attention]) -> list[torch.Tensor]:
+    """Pops every stored probs tensor (B, heads, HW, T) of `modules`, in module order."""
+    maps = []
+    for m in modules:
+        maps.extend(m.probs)
+        m.probs.clear()  # the graph stays alive only through the returned list
+    return maps
+
+
+# --- constants: which tokens belong to which object, masks at the attention resolution ---
+
+
+def object_tokens(objs_per_sample, T: int = 77, device=None, dtype=torch.float32) -> torch.Tensor:
+    """(B, K, T) 0/1 matrix: row k of sample b marks the token positions of its k-th object.
+
+    objs_per_sample: per sample a list of objects with `.tokens` (segment.Obj) or plain position
+    tuples; K = max objects over the batch, padding rows are zero."""
+    B, K = len(objs_per_sample), max([len(objs) for objs in objs_per_sample] + [1])
+    out = torch.zeros(B, K, T, device=device, dtype=dtype)
+    for b, objs in enumerate(objs_per_sample):
+        for k, obj in enumerate(objs):
+            pos = list(getattr(obj, "tokens", obj))
+            assert all(0 <= p < T for p in pos), f"token positions must lie in [0, {T})"
+            out[b, k, pos] = 1
+    return out
+
+
+@torch.no_grad()
+def resize_masks(masks: torch.Tensor, hw: tuple[int, int], dtype=torch.float32) -> torch.Tensor:
+    """(B, K, H, W) bool -> (B, K, h*w) 0/1 float at the attention resolution `hw` = (h, w).
+
+    Official: torchvision Resize((r, r), antialias=True) on a bool mask (float, bilinear, back to
+    bool), then > 0: any partial coverage counts, so the mask is slightly dilated (3.5, P7)."""
+    assert masks.ndim == 4 and masks.dtype == torch.bool, "masks: (B, K, H, W) bool"
+    B, K = masks.shape[:2]
+    m = F.interpolate(masks.to(dtype), size=hw, mode="bilinear", antialias=True)  # (B, K, h, w)
+    # Binarised here, on a constant, so no threshold ever sits on the gradient path (P9).
+    return (m > 0).to(dtype).reshape(B, K, -1)  # (B, K, HW)
+
+
+def _object_weights(tokens, masks, valid):
+    """(B, K) weights that average over the objects that count: found, with tokens and a mask.
+
+    Official: an undetected noun keeps an all-zero mask and still enters both losses (its pixel
+    BCE pushes its attention to 0 everywhere); here it contributes nothing (a deliberate
+    deviation, comat.md "Attribute concentration" 3)."""
+    keep = valid & (tokens.sum(-1) > 0) & (masks.sum(-1) > 0)  # (B, K)
+    w = keep.to(tokens.dtype)
+    # A sample without any kept object gets weight 0 everywhere: loss 0, no 0/0.
+    return w / w.sum(-1, keepdim=True).clamp(min=1)
+
+
+def _check(tokens, masks, valid, B, HW):
+    K = tokens.shape[1]
+    assert tokens.ndim == 3 and tokens.shape[0] == B, f"tokens: (B={B}, K, T), got {tokens.shape}"
+    assert masks.shape == (B, K, HW), f"masks: (B, K, HW) = {(B, K, HW)}, got {masks.shape}"
+    assert valid.shape == (B, K) and valid.dtype == torch.bool, "valid: (B, K) bool"
+
+
+# --- attribute concentration losses (TokenCompose-style; comat-official.md 3.5) ---
+
+
+def token_loss(attn, tokens, masks, valid) -> torch.Tensor:
+    """Token-level loss of one map: mean over objects of mean over their tokens of (1 - a)^2,
+    a = head-mean of the fraction of token s's attention that falls inside the object's mask.
+
+    attn (B, heads, HW, T) probabilities; tokens (B, K, T); masks (B, K, HW); valid (B, K)."""
+    B, heads, HW, T = attn.shape
+    _check(tokens, masks, valid, B, HW)
+    inside = masks[:, None] @ attn  # (B, 1, K, HW) @ (B, heads, HW, T) -> (B, heads, K, T)
+    total = attn.sum(2)[:, :, None]  # (B, heads, 1, T): attention mass of each token
+    a = (inside / total).mean(1)  # (B, K, T); the head mean comes BEFORE squaring (official)
+    # Mean over each object's own tokens (attribute words AND noun, all pushed into the noun mask).
+    per_obj = (tokens * (1 - a) ** 2).sum(-1) / tokens.sum(-1).clamp(min=1)  # (B, K)
+    return (per_obj * _object_weights(tokens, masks, valid)).sum(-1)  # (B,)
+
+
+def _log(x, floor=-100.0):
+    # torch's BCELoss clamps its logs at -100; the inner clamp keeps log(0) from producing
+    # inf * 0 = NaN gradients (and catches rounding of 1 - S below 0 in low precision).
+    return x.clamp(min=torch.finfo(x.dtype).tiny).log().clamp(min=floor)
+
+
+def pixel_loss(attn, tokens, masks, valid) -> torch.Tensor:
+    """Pixel-level loss: BCE between an object's summed token attention S and its mask, mean over
+    pixels, mean over objects.
+
+    attn (B, HW, T) already averaged over heads and over the maps of one resolution group."""
+    B, HW, T = attn.shape
+    _check(tokens, masks, valid, B, HW)
+    S = (attn @ tokens.transpose(1, 2)).transpose(1, 2)  # (B, HW, K) -> (B, K, HW)
+    # Written out rather than F.binary_cross_entropy: same values as torch's BCELoss (logs clamped
+    # at -100), but autocast-safe and tolerant of S rounding a hair above 1 in bf16/fp16.
+    bce = -(masks * _log(S) + (1 - masks) * _log(1 - S)).mean(-1)  # (B, K)
+    return (bce * _object_weights(tokens, masks, valid)).sum(-1)  # (B,)
+
+
+def attention_loss(maps, tokens, masks, valid, cond_half: bool = True):
+    """(token loss (B,), pixel loss (B,)) over the maps of ONE UNet call, official aggregation:
+    token loss summed over maps; pixel loss on each resolution group's mean map, summed over groups.
+
+    maps: list of (B or 2B, heads, HW, T); cond_half takes the second (conditional) half of
+    CFG-batched [uncond; cond] maps. masks: (B, K, H, W) bool at image size, resized per group.
+    Official sums over AttrCon timesteps: call this once per storing UNet call and add."""
+    assert maps, "no attention maps: were the modules flagged `store` during a grad-enabled call?"
+    assert masks.ndim == 4 and masks.dtype == torch.bool, "masks: (B, K, H, W) bool, image size"
+    B, (H, W) = masks.shape[0], masks.shape[-2:]
+    groups: dict[int, list[torch.Tensor]] = {}  # HW -> head-mean maps (B, HW, T)
+    tok = torch.zeros(B, dtype=maps[0].dtype, device=maps[0].device)
+    resized = {}  # HW -> (B, K, HW) masks, resized once per resolution
+    for A in maps:  # a loop over layers (a few dozen at most), not over objects or tokens
+        if cond_half:
+            assert A.shape[0] == 2 * B, f"cond_half expects 2B={2 * B} maps, got {A.shape[0]}"
+            A = A[B:]  # [uncond; cond]: official stores only the conditional pass (3.3)
+        HW = A.shape[2]
+        if HW not in resized:
+            # Latent side lengths from HW and the image aspect ratio (exact for square images).
+            h = round(math.sqrt(HW * H / W))
+            assert h * (HW // h) == HW, f"cannot infer the map size of HW={HW} for a {H}x{W} mask"
+            resized[HW] = resize_masks(masks, (h, HW // h), A.dtype)
+        tok = tok + token_loss(A, tokens, resized[HW], valid)
+        groups.setdefault(HW, []).append(A.mean(1))  # (B, HW, T)
+    # Official groups are (block, resolution): for SDXL mid_16 and up_16 are two groups, merged
+    # here (one BCE on the 40-map mean); pass mid and up maps in separate calls to split them.
+    pix = sum(pixel_loss(torch.stack(g).mean(0), tokens, resized[HW], valid)
+              for HW, g in groups.items())
+    return tok, pix
+
+
+# --- concept matching and fidelity preservation (comat-official.md 2, 4.2) ---
+
+
+def caption_loss(logprob: torch.Tensor) -> torch.Tensor:
+    """L_cap: the captioner's negative token-mean log-likelihood of the prompt, (B,)."""
+    return -logprob
+
+
+def g_loss(d_fake: torch.Tensor) -> torch.Tensor:
+    """Non-saturating generator loss, BCE(D(fake), 1) = softplus(-logit), mean over pixels, (B,)."""
+    return F.softplus(-d_fake).flatten(1).mean(1)
+
+
+def d_loss(d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    """Discriminator loss 0.5 * (BCE(D(fake), 0) + BCE(D(real), 1)), per-pixel means, (B,).
+
+    Official: one mean over the batch [fake; real] of 2B equal-sized maps, which equals .mean()
+    of this."""
+    return 0.5 * (F.softplus(d_fake).flatten(1).mean(1) + F.softplus(-d_real).flatten(1).mean(1))
+
+
+# CoMat official: training_utils/gan_sdxl.py D_sd (UNet backbone + per-latent-pixel Linear head)
+class Discriminator(nn.Module):
+    """Patch discriminator at latent resolution: a (LoRA-adapted, frozen-base) UNet whose 4-channel
+    output goes through Linear(4, 1) at every latent pixel.
+
+    Official input (4.1): the clean final latent, t = the last sampling timestep (1), ctx = the
+    empty-prompt embedding; the SD1.5 UNet serves both SD1.5 and SDXL latents."""
+
+    def __init__(self, unet: UNet):
+        super().__init__()
+        self.unet = unet
+        self.head = nn.Linear(unet.cfg.in_channels, 1)
+
+    def forward(self, z, t, ctx, pooled=None, time_ids=None):
+        """z (B, C, H, W) -> logits (B, H, W)."""
+        eps = self.unet(z, t, ctx, pooled, time_ids)  # (B, C, H, W)
+        return self.head(eps.permute(0, 2, 3, 1)).squeeze(-1)  # (B, H, W, C) -> (B, H, W)
