@@ -355,3 +355,69 @@ class UNet(nn.Module):
 def cross_attentions(unet: UNet) -> list[tuple[str, Attention]]:
     """(name, module) of every cross-attention (attn2), in forward order (down, mid, up)."""
     return [(name, m) for name, m in unet.named_modules() if name.endswith("attn2")]
+
+
+# LoRA as in CoMat (training_utils/pipeline.py): rank 128 on to_q/to_k/to_v/to_out.0 of every
+# attention, A ~ N(0, std 1/r), B = 0, scale 1 (alpha = r), LoRA weights in fp32.
+class LoRALinear(nn.Linear):
+    """nn.Linear plus a low-rank branch: y = W x + b + scale * B(A x). The base `weight`/`bias`
+    are the wrapped layer's own Parameters (shared, not copied), so their keys do not move."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float | None = None):
+        nn.Module.__init__(self)  # not nn.Linear's: it would allocate and init a new weight
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias
+        # On the base's device (real after a meta + assign load), fp32 whatever the base dtype.
+        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+        self.lora_A = nn.Linear(self.in_features, rank, **kw)  # peft's names: diffusers reads them
+        self.lora_B = nn.Linear(rank, self.out_features, **kw)
+        nn.init.normal_(self.lora_A.weight, std=1 / rank)
+        nn.init.zeros_(self.lora_B.weight)  # zero branch: the adapted UNet starts as the base
+        self.scale = (alpha or rank) / rank
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        # The branch runs in the LoRA dtype (fp32 beside a bf16 base) and is added back in the
+        # base dtype; under autocast both casts are no-ops next to autocast's own.
+        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))  # (..., r) -> (..., out)
+        return y + (self.scale * lora).to(y.dtype)
+
+
+def add_lora(unet: nn.Module, rank: int, targets=("to_q", "to_k", "to_v", "to_out.0"),
+             alpha: float | None = None) -> list[str]:
+    """Freeze the UNet and swap the `targets` Linears of every Attention (attn1 and attn2) for
+    LoRALinear in place; only the LoRA weights are trainable. Returns the adapted names."""
+    unet.requires_grad_(False)
+    names = [f"{n}.{t}" for n, m in unet.named_modules() if isinstance(m, Attention)
+             for t in targets]
+    for name in names:
+        base = unet.get_submodule(name)
+        assert type(base) is nn.Linear, f"{name} is not a plain nn.Linear (LoRA added twice?)"
+        unet.set_submodule(name, LoRALinear(base, rank, alpha))
+    return names
+
+
+def lora_state_dict(unet: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA weights under peft keys `unet.<module>.lora_A.weight` / `lora_B.weight`, which
+    diffusers' `load_lora_weights` reads. No alpha key (diffusers then takes alpha = r, scale 1),
+    so the scale is folded into B."""
+    sd = {}
+    for name, m in unet.named_modules():
+        if isinstance(m, LoRALinear):
+            sd[f"unet.{name}.lora_A.weight"] = m.lora_A.weight.detach().clone()
+            sd[f"unet.{name}.lora_B.weight"] = m.scale * m.lora_B.weight.detach()
+    return sd
+
+
+@torch.no_grad()
+def fold_lora(unet: nn.Module) -> None:
+    """W += scale * B A in every LoRALinear, which then becomes a plain nn.Linear with the same
+    weight/bias Parameters: the state dict is diffusers' layout again (a plain fine-tuned UNet)."""
+    for name, m in list(unet.named_modules()):
+        if isinstance(m, LoRALinear):
+            w, B, A = m.weight, m.lora_B.weight, m.lora_A.weight
+            dt = torch.promote_types(w.dtype, B.dtype)  # add in the wider dtype, round once
+            w.copy_(w.to(dt) + m.scale * (B.to(dt) @ A.to(dt)))  # (out, r) @ (r, in)
+            plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
+            plain.weight, plain.bias = m.weight, m.bias
+            unet.set_submodule(name, plain)
