@@ -1,12 +1,13 @@
-"""Sampling for SD1.5 / SDXL: the noise schedule, one differentiable `denoise` loop (DDIM eta=0 or DDPM
-ancestral) shared by training and sampling, classifier-free guidance as a closure, prompt encoding, and the CLI.
+"""Sampling for SD1.5 / SDXL: noise schedule, one differentiable `denoise` loop (DDIM eta=0 or DDPM
+ancestral) shared by training and sampling, guidance as a closure, prompt encoding, and the CLI.
 
-Schedule and steps follow diffusers' DDIMScheduler / DDPMScheduler with the SD config (scaled-linear betas,
+Schedule and steps follow diffusers' DDIM/DDPMScheduler with the SD config (scaled-linear betas,
 "leading" spacing, steps_offset 1, no clipping); see ../shared/spec/sdxl.md section 6.
 Shapes: B batch, C latent channels, H, W latent size, T text tokens (77), D context width.
 Usage: python sample.py "a red cat" --model path/to/sdxl --steps 30 --seed 0
 """
 import argparse
+import json
 import os
 import random
 import sys
@@ -33,10 +34,10 @@ def timesteps(n, n_train=1000, offset=1):
 
 
 def step(x, eps, t, t_prev, abar, sampler, noise=None):
-    """One reverse step x_t -> x_prev (DDIM with eta=0, or DDPM ancestral with "fixed_small" variance).
+    """One reverse step x_t -> x_prev: DDIM (eta 0) or DDPM ancestral ("fixed_small" variance).
 
-    Written in the same operation order as diffusers so float64 runs agree to the last bits. The last
-    step has t_prev < 0: DDIM then uses abar[0] (set_alpha_to_one=False), DDPM uses 1, so DDPM's final
+    Written in diffusers' operation order so float64 runs agree to the last bits. The last step has
+    t_prev < 0: DDIM then uses abar[0] (set_alpha_to_one=False), DDPM uses 1, so DDPM's final
     sample is exactly the x0 prediction (plus ~1e-10 noise).
     """
     a_t = abar[t]
@@ -53,7 +54,7 @@ def step(x, eps, t, t_prev, abar, sampler, noise=None):
 def pick_grad_steps(mode, n, k, rng):
     """Indices (0 = noisiest) of the denoising steps whose UNet call builds a graph.
 
-    comat:  K evenly spaced steps with a random offset (official: n=50, K=5 -> {s, s+10, ..., s+40}, s in 0..9)
+    comat:  K evenly spaced, random offset (official n=50, K=5: {s, s+10, .., s+40}, s in 0..9)
     last:   the last K steps (DRaFT-K)
     single: one step drawn uniformly (AlignProp / ReFL style random cut)
     """
@@ -70,13 +71,13 @@ def pick_grad_steps(mode, n, k, rng):
 
 def denoise(eps_fn, x, ts, abar, sampler="ddim", grad_steps=(), detach=True, generator=None,
             progress=False):
-    """Run the reverse chain from x = x_T (B, C, H, W) over timesteps ts and return the final latent.
+    """Run the reverse chain from x = x_T (B, C, H, W) over timesteps ts; return the final latent.
 
-    Gradient truncation: steps before min(grad_steps) run entirely without a graph. From there on the
-    scheduler update stays in the graph, so a loss on the result reaches every chosen step along the
-    linear latent path; the UNet itself (eps_fn) builds a graph only at the steps in grad_steps. With
-    detach=True the UNet input is detached at those steps (official SDXL path), with detach=False the
-    gradient also flows through the UNet's input Jacobian into earlier steps (official SD1.5 path).
+    Gradient truncation: steps before min(grad_steps) run entirely without a graph. From there on
+    the scheduler update stays in the graph, so a loss on the result reaches every chosen step
+    along the linear latent path; the UNet (eps_fn) builds a graph only at the steps in grad_steps.
+    detach=True detaches the UNet input at those steps (official SDXL path); with detach=False the
+    gradient also flows through the UNet's input Jacobian into earlier steps (official SD1.5).
     eps_fn(x, t) -> eps is any callable, e.g. the CFG closure below.
     """
     n_train, first = len(abar), min(grad_steps, default=len(ts))
@@ -117,7 +118,7 @@ def tokenize(tok, prompts):
     """Pad/truncate to the tokenizer's length (77), warning about what truncation drops."""
     for p in prompts:
         if len(tok(p).input_ids) > tok.model_max_length:
-            warnings.warn(f"prompt longer than {tok.model_max_length} tokens, truncated: {p[:60]!r}...")
+            warnings.warn(f"prompt over {tok.model_max_length} tokens, truncated: {p[:60]!r}...")
     return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                return_tensors="pt").input_ids
 
@@ -155,13 +156,21 @@ def time_ids(h, w, batch):
 
 
 def decode(pipe, z):
-    """Latents (B, C, H, W) -> image (B, 3, 8H, 8W) in [0, 1], not clamped (training keeps the graph).
-    The VAE runs in its own dtype: the loader keeps SDXL's in fp32 because it overflows fp16."""
+    """Latents (B, C, H, W) -> image (B, 3, 8H, 8W) in about [0, 1], not clamped (training keeps
+    the graph). The VAE runs in its own dtype: SDXL's is kept in fp32, it overflows fp16."""
     dtype = next(pipe.vae.parameters()).dtype
     return pipe.vae.decode(z.to(dtype) / pipe.vae.cfg.scale) / 2 + 0.5
 
 
 # --- CLI ---
+
+
+def read_prompts(path):
+    """Prompts from a text file (one a line) or JSONL ({"prompt": ...}); blank lines skipped."""
+    if not os.path.isfile(path):
+        sys.exit(f"error: prompts file not found: {path}")
+    lines = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    return [json.loads(ln)["prompt"] if path.endswith(".jsonl") else ln for ln in lines]
 
 
 def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=0, negative=None,
@@ -176,21 +185,21 @@ def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=
         if latents is None:
             shape = (len(prompts), pipe.unet.cfg.in_channels, size // f, size // f)
             latents = torch.randn(shape, generator=g, device=dev, dtype=dtype)
-        eps = cfg_fn(pipe.unet, ctx.to(dtype), uncond.to(dtype), scale,
-                     *(None, None) if pooled is None else (pooled.to(dtype), upooled.to(dtype)), ids)
+        pooled, upooled = (None, None) if pooled is None else (pooled.to(dtype), upooled.to(dtype))
+        eps = cfg_fn(pipe.unet, ctx.to(dtype), uncond.to(dtype), scale, pooled, upooled, ids)
         z = denoise(eps, latents, timesteps(steps), alphas_cumprod(), sampler, generator=g,
                     progress=progress)
         return decode(pipe, z).clamp(0, 1).float()
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL (or a CoMat fine-tune).")
+    ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL or a fine-tune.")
     ap.add_argument("prompt", nargs="*", help="one or more prompts")
     ap.add_argument("--prompts", help="text file, one prompt per line")
-    ap.add_argument("--model", default="tiny", help="tiny | tiny-sdxl | diffusers folder | .safetensors")
+    ap.add_argument("--model", default="tiny", help="tiny | tiny-sdxl | diffusers folder | file")
     ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
-    ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) merged into the UNet")
+    ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) to merge")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 disables CFG")
     ap.add_argument("--seed", type=int, default=0)
@@ -202,11 +211,7 @@ def main(argv=None):
     ap.add_argument("--out", default="out/sample.png")
     a = ap.parse_args(argv)
 
-    prompts = list(a.prompt)
-    if a.prompts:
-        if not os.path.isfile(a.prompts):
-            sys.exit(f"error: prompts file not found: {a.prompts}")
-        prompts += [ln.strip() for ln in open(a.prompts, encoding="utf-8") if ln.strip()]
+    prompts = list(a.prompt) + (read_prompts(a.prompts) if a.prompts else [])
     if not prompts:
         sys.exit("error: no prompt given (pass prompts as arguments or --prompts FILE)")
     if a.steps < 1 or a.steps > 1000 or a.n < 1:
@@ -215,8 +220,8 @@ def main(argv=None):
     try:
         pipe = load(a.model, a.device, dtype, a.text_from)
         if a.unet:
-            load_strict(pipe.unet, {k: v.to(a.device, dtype) for k, v in load_state(a.unet).items()},
-                        f"UNet weights {a.unet}")
+            sd = {k: v.to(a.device, dtype) for k, v in load_state(a.unet).items()}
+            load_strict(pipe.unet, sd, f"UNet weights {a.unet}")
         if a.lora:
             merge_lora(pipe.unet, load_state(a.lora))
     except (FileNotFoundError, ValueError) as e:

@@ -45,7 +45,8 @@ def loss_curve(rows, path, keys=("loss", "cap", "tok", "pix", "adv", "d"), size=
         draw.rectangle([40, top + 15, w - 10, top + h - 15], outline=(200, 200, 200))
         if len(pts) < 2:
             continue
-        (s0, s1), (v0, v1) = (pts[0][0], pts[-1][0]), (min(p[1] for p in pts), max(p[1] for p in pts))
+        s0, s1 = pts[0][0], pts[-1][0]
+        v0, v1 = min(p[1] for p in pts), max(p[1] for p in pts)
         xy = [(40 + (s - s0) / max(s1 - s0, 1) * (w - 50),
                top + h - 15 - (v - v0) / max(v1 - v0, 1e-12) * (h - 30)) for s, v in pts]
         draw.line(xy, fill=(30, 70, 220), width=2)

@@ -282,7 +282,7 @@ def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
 
 
 def tiny_pipeline(sdxl=False, seed=0):
-    """Random-weight tiny SD1.5-like or SDXL-like pipeline: its pictures are noise, it exists so that
+    """Random-weight tiny SD1.5-like or SDXL-like pipeline: its pictures are noise; it exists so
     everything runs on a laptop without downloaded weights."""
     torch.manual_seed(seed)
     tok = clip_tokenizer()
@@ -297,7 +297,8 @@ def tiny_pipeline(sdxl=False, seed=0):
         tokenizers.append(clip_tokenizer(pad="!"))
     for e in encoders:
         e.requires_grad_(False).eval()
-    return Pipeline(UNet(TINY_SDXL if sdxl else TINY_SD15), VAE(TINY_VAE), tokenizers, encoders, sdxl)
+    unet = UNet(TINY_SDXL if sdxl else TINY_SD15)
+    return Pipeline(unet, VAE(TINY_VAE), tokenizers, encoders, sdxl)
 
 
 def load(model, device="cpu", dtype=torch.float32, text_from=None):
@@ -316,8 +317,9 @@ def merge_lora(unet, sd):
     Accepts diffusers/peft keys (`unet.<module>.lora_A.weight`, `lora_B.weight`) and the older
     `<module>.lora.down.weight` / `lora.up.weight`; an optional `<module>.alpha` sets the scale.
     """
-    names = {k.removeprefix("unet.").removesuffix(".lora_A.weight").removesuffix(".lora.down.weight")
-             for k in sd if k.endswith((".lora_A.weight", ".lora.down.weight"))}
+    down = (".lora_A.weight", ".lora.down.weight")
+    names = {k.removeprefix("unet.").removesuffix(down[0]).removesuffix(down[1])
+             for k in sd if k.endswith(down)}
     if not names:
         raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
     mods = dict(unet.named_modules())

@@ -1,7 +1,7 @@
-"""Time and peak memory of our UNet against diffusers' UNet2DConditionModel, same config, same weights.
+"""Time and peak memory of our UNet against diffusers' UNet2DConditionModel: same config, weights.
 
-Each measurement runs in its own subprocess so the peak memory (max RSS on CPU, max allocated on CUDA)
-belongs to one model and one mode. Forward runs under no_grad; forward+backward backpropagates a mean
+Each measurement runs in its own subprocess so the peak memory (max RSS on CPU, max allocated on
+CUDA) belongs to one model and one mode. Forward runs under no_grad; forward+backward backprops
 through all parameters. "ours-bf16" is our UNet (fp32 weights) under bf16 autocast.
 Usage: python bench/bench_unet.py [--configs tiny,sd15] [--size 32] [--iters 3] [--device cpu]
        python bench/bench_unet.py --configs sdxl --size 128 --device cuda     (on a GPU machine)

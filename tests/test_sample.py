@@ -91,8 +91,9 @@ def test_generation_matches_diffusers_pipeline(sdxl, sampler):
     latents = torch.randn(2, 4, 8, 8, dtype=torch.float64)  # TINY_VAE downsamples by 2
     ours = sample.generate(pipe, prompts, steps=3, scale=7.5, size=size, sampler=sampler, seed=3,
                            latents=latents, progress=False)
+    g = torch.Generator().manual_seed(3)
     theirs = ref(prompts, height=size, width=size, num_inference_steps=3, guidance_scale=7.5,
-                 latents=latents, output_type="pt", generator=torch.Generator().manual_seed(3)).images
+                 latents=latents, output_type="pt", generator=g).images
     torch.testing.assert_close(ours, theirs.float())
 
 
