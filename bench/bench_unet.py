@@ -26,7 +26,8 @@ CONFIGS = {"tiny": U.TINY_SDXL, "sd15": U.SD15, "sdxl": U.SDXL}
 
 
 def build(impl, cfg, device):
-    # diffusers is imported for both, so its ~100 MB of imports count equally in the peak RSS
+    # diffusers is imported for both, so its imports count equally in the peak RSS
+    from diffusers import UNet2DConditionModel  # noqa: F401
     from oracle import diffusers_unet
     with torch.device("meta"):
         return U.UNet(cfg) if impl.startswith("ours") else diffusers_unet(cfg)
