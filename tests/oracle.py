@@ -65,3 +65,26 @@ def diffusers_vae(cfg):
         scaling_factor=cfg.scale,
         force_upcast=cfg.upcast,
     )
+
+
+def tiny_blip(folder: str, words=(), image_size: int = 32):
+    """A tiny random BLIP captioner + BERT word tokenizer saved to `folder` (no downloads)."""
+    import os
+
+    from transformers import BertTokenizer, BlipConfig, BlipForConditionalGeneration
+    base = "a photography of red green blue cat dog circle square and on the left".split()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(base) | set(words))]
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizer(os.path.join(folder, "vocab.txt"))
+    cfg = BlipConfig(
+        text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+                         encoder_hidden_size=32, pad_token_id=0, bos_token_id=2, sep_token_id=3),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=2, image_size=image_size, patch_size=8),
+        projection_dim=32)
+    BlipForConditionalGeneration(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
