@@ -274,8 +274,8 @@ def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
     for w in words:
         for j in range(2, len(w) + 1):  # "red": "r e" -> "re", "re d</w>" -> "red</w>"
             a, b = w[: j - 1], w[j - 1] + ("</w>" if j == len(w) else "")
-            if f"{a} {b}" not in merges:
-                merges.append(f"{a} {b}")
+            if (a, b) not in merges:
+                merges.append((a, b))
                 vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
     return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=max_len)

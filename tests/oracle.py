@@ -88,3 +88,44 @@ def tiny_blip(folder: str, words=(), image_size: int = 32):
     BlipForConditionalGeneration(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def tiny_grounded_sam(folder: str, words=("cat", "dog", "red", "circle", "square")):
+    """Tiny random Grounding-DINO (+ BERT word tokenizer) and SAM saved under `folder`; returns
+    the two folder paths. Random weights detect nothing meaningful: tests use them for shapes and
+    the no-detection path."""
+    import os
+
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig,
+                              GroundingDinoForObjectDetection, GroundingDinoImageProcessorPil,
+                              GroundingDinoProcessor, SamConfig, SamImageProcessorPil, SamModel,
+                              SamProcessor, SwinConfig)
+    gd, sm = os.path.join(folder, "gdino"), os.path.join(folder, "sam")
+    os.makedirs(gd, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]
+    with open(os.path.join(gd, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    cfg = GroundingDinoConfig(
+        backbone_config=SwinConfig(embed_dim=16, depths=[1, 1], num_heads=[1, 1], window_size=4,
+                                   image_size=64, out_features=["stage1", "stage2"]),
+        text_config=BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1,
+                               num_attention_heads=2, intermediate_size=32),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10,
+        num_feature_levels=2, encoder_n_points=2, decoder_n_points=2, max_text_len=32)
+    GroundingDinoForObjectDetection(cfg).save_pretrained(gd)
+    size = {"shortest_edge": 64, "longest_edge": 64}
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size=size),
+                           tokenizer=BertTokenizer(os.path.join(gd, "vocab.txt"))).save_pretrained(gd)
+    scfg = SamConfig(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=64, patch_size=16, output_channels=16, window_size=2,
+                           global_attn_indexes=[0], mlp_dim=32, num_pos_feats=8),
+        prompt_encoder_config=dict(hidden_size=16, image_size=64, patch_size=16,
+                                   mask_input_channels=4),
+        mask_decoder_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                 mlp_dim=16, iou_head_hidden_dim=16))
+    SamModel(scfg).save_pretrained(sm)
+    SamProcessor(image_processor=SamImageProcessorPil(
+        size={"longest_edge": 64}, pad_size={"height": 64, "width": 64})).save_pretrained(sm)
+    return gd, sm
