@@ -3,7 +3,8 @@ one binary mask per object on the generated image (Grounding-DINO boxes -> SAM m
 
 Source: CoMat official attr_concen_utils (spec comat-official.md 3.1-3.4). The official parser is
 spaCy's en_core_web_trf; this one is a small rule-based chunker for T2I-CompBench-style prompts, so
-nothing is downloaded. The official masks come from FastSAM; here SAM is prompted with the boxes.
+nothing is downloaded and the result is deterministic. The official masks come from FastSAM; here
+SAM is prompted with the boxes (P15). Segmentation runs under no_grad on the detached image.
 A segmenter is any function seg(images, nouns) -> (masks, found), so others can be passed in.
 Shapes: B batch, K objects (padded), H, W image size.
 Usage: objs = objects(tokenizer, "a red cat and a blue dog"); masks, found = seg(images, nouns)
@@ -16,13 +17,27 @@ from PIL import Image
 from transformers import (AutoProcessor, GroundingDinoForObjectDetection, SamModel,
                           SamProcessor)
 
-# Words that end a noun chunk: determiners, conjunctions, prepositions, auxiliaries.
-BREAK = set("""a an the one two three four five some several many this that these those its his her
-their my our your and or but with without while as is are was were be being has have had which who
-on in at of to from by for into onto over under above below behind beside besides near next between
-among around across against along atop beneath underneath inside outside through toward towards
-up down off than then""".split())
-# Relation nouns ("on the left of") and the official stop-list of scene / abstract nouns.
+# Copulas: an adjective-only chunk after one describes the previous noun ("a dog that is red").
+COPULA = set("is are was were be being been looks look appears appear seems seem".split())
+# Words that end a noun chunk: determiners, pronouns, conjunctions, prepositions, copulas.
+BREAK = COPULA | set("""a an the one two three four five six some several many each every this that
+these those its his her their my our your it they he she we i you there here and or but nor with
+without while as has have had which who whose on in at of to from by for into onto over under
+above below behind beside besides near next between among around across against along atop beneath
+underneath inside outside through toward towards up down off than then""".split())
+# Adjectives (colour, shape, size, material, texture): they never end a chunk, so a participle
+# after them is a noun-ish word ("a tall building"), and "black and white" stays one chunk.
+# "square" is left out on purpose: it is a noun in the toy world ("a red square and ...").
+ADJ = set("""red orange yellow green blue purple pink brown black white gray grey cyan magenta
+violet golden gold silver beige round circular rectangular triangular oval spherical cubic
+cylindrical hexagonal big small large tiny tall short long huge little giant old new young
+wooden metallic metal plastic glass leather fluffy furry fabric rubber ceramic stone marble paper
+woolen wool cotton silk velvet denim shiny smooth rough soft hard striped spotted dotted checkered
+transparent bright dark light""".split())
+# Nouns ending in -ing that the participle rule must not take for verbs.
+ING_NOUNS = set("""building painting ceiling clothing earring wedding pudding dumpling string swing
+sling railing stocking frosting icing sibling""".split())
+# Relation nouns ("on the left of") and the official stop-list of scene / abstract nouns (3.2).
 STOP = set("""left right top bottom front back side middle center centre edge corner
 scene surface area atmosphere noise place kitchen dream interior exterior meal background bathroom
 room scent street hillside mountain sky sea ocean lost language skill one night day morning space
@@ -37,77 +52,102 @@ class Obj(NamedTuple):
     tokens: tuple[int, ...]    # CLIP token positions of all of them (0 is the start token)
 
 
-def parse(prompt: str, attributed_only=False) -> list[tuple[tuple[str, ...], str]]:
-    """(attributes, noun) per object: chunks between BREAK words, the noun last (English heads).
+def is_verb(w: str, cur: list, after: str) -> bool:
+    """A participle ending a chunk: "a cat sitting", "a man is holding", not "a tall building"."""
+    if len(w) <= 4 or not w.endswith(("ing", "ed")) or w in ING_NOUNS:
+        return False
+    return (bool(cur) and cur[-1] not in ADJ) or (not cur and after in COPULA)
 
-    Verbs in -ing/-ed also end a chunk ("a cat sitting on a mat"). Official filters: nouns that
-    repeat in the prompt are dropped (the masks could not tell them apart), stop-list nouns are
-    dropped. Bare nouns are kept unless attributed_only (the official code keeps only nouns with a
-    modifier; keeping them gives "a cat and a dog" an attention loss too)."""
-    words = re.findall(r"[a-z]+(?:-[a-z]+)*|[^\sa-z]", prompt.lower())
-    chunks, cur = [], []
+
+def parse(prompt: str, attributed_only=False) -> list[tuple[tuple[str, ...], str]]:
+    """(attributes, noun) per object, a rule-based stand-in for the official spaCy rules (3.1).
+
+    The prompt is cut into chunks at BREAK words, punctuation and verbs; a chunk's last word is its
+    noun (English heads come last), the words before it its attributes. An adjective-only chunk
+    right after a copula is given to the previous noun. Official filters: nouns that repeat in the
+    prompt are dropped (their masks could not be told apart), stop-list nouns are dropped. Bare
+    nouns are kept unless attributed_only: the official code keeps only nouns with a modifier,
+    keeping them gives "a cat and a dog" an attention loss too. A possessive ends a chunk."""
+    words = re.findall(r"[a-z]+(?:-[a-z]+)*|[^\sa-z]", re.sub(r"'s\b", "'", prompt.lower()))
+    groups, cur, after = [], [], ""  # after: the break word before the current chunk
     for w in words + ["."]:
-        if w in BREAK or not w[0].isalpha() or (len(w) > 4 and w.endswith(("ing", "ed"))):
-            chunks += [cur] if cur else []
-            cur = []
-        else:
+        if not (w in BREAK or not w[0].isalpha() or is_verb(w, cur, after)):
             cur.append(w)
-    out = [(tuple(c[:-1]), c[-1]) for c in chunks
-           if c[-1] not in STOP and c[-1].removesuffix("s") not in STOP]
+            continue
+        if w in ("and", "or", ",") and cur and set(cur) <= ADJ:
+            continue  # "a black and white cat": the adjective run goes on
+        if cur and after in COPULA and set(cur) <= ADJ and groups:
+            groups[-1] = (groups[-1][0] + tuple(cur), groups[-1][1])  # "a dog that is red"
+        elif cur:
+            groups.append((tuple(cur[:-1]), cur[-1]))
+        cur, after = [], w
+    # the official check also strips the noun's last letter; only a plural "s" here ("seat" != sea)
+    out = [(a, n) for a, n in groups if n not in STOP and n.removesuffix("s") not in STOP]
     nouns = [n for _, n in out]
     return [(a, n) for a, n in out if nouns.count(n) == 1 and (a or not attributed_only)]
 
 
 def word_pieces(tokenizer, prompt: str) -> list[tuple[str, list[int]]]:
-    """CLIP word pieces grouped back into words: [(word, positions)], positions index the 77-long
-    sequence the UNet attends to (0 is <|startoftext|>)."""
-    ids = tokenizer(prompt).input_ids
-    pieces = tokenizer.convert_ids_to_tokens(ids)
+    """CLIP word pieces grouped back into words: [(word, positions)], positions index the
+    untruncated token sequence the UNet attends to (0 is <|startoftext|>)."""
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)
     words, cur, pos = [], "", []
     for i, p in enumerate(pieces[1:-1], start=1):  # skip start and end tokens
         cur, pos = cur + p.removesuffix("</w>"), pos + [i]
-        if p.endswith("</w>"):
+        if p.endswith("</w>"):  # CLIP's BPE marks the last piece of each word
             words.append((cur, pos))
             cur, pos = "", []
     return words
 
 
+def find(words, w: str, used: set):
+    """First run of unused CLIP words spelling `w` (CLIP splits "t-shirt" into three words)."""
+    for j in range(len(words)):
+        text, k = "", j
+        while k < len(words) and k not in used and len(text) < len(w):
+            text, k = text + words[k][0], k + 1
+        if text == w:
+            return range(j, k)
+    return None
+
+
 def align(tokenizer, prompt: str, groups) -> list[Obj]:
-    """Objects from (attributes, noun) groups: each word takes its first unused occurrence.
-    An object with a word past the token limit (truncated away) or not found is dropped."""
+    """Objects from (attributes, noun) groups: each word takes its first unused occurrence, as the
+    official alignment does (3.2) but case-insensitively. An object with a word past the token
+    limit (truncated away) or not found is dropped."""
     words, used, out = word_pieces(tokenizer, prompt), set(), []
-    limit = tokenizer.model_max_length - 1  # the last position holds the end token
+    limit = tokenizer.model_max_length - 1  # the last kept position holds the end token
     for attrs, noun in groups:
-        positions = []
-        for w in (*attrs, noun):
-            hit = next((j for j, (text, _) in enumerate(words) if text == w and j not in used), None)
-            if hit is None:
-                break
-            used.add(hit)
-            positions += words[hit][1]
-        else:
-            if max(positions) < limit:
-                out.append(Obj(noun, (*attrs, noun), tuple(positions)))
+        hits = [find(words, w.lower(), used) for w in (*attrs, noun)]
+        if None in hits:
+            continue
+        positions = [i for hit in hits for j in hit for i in words[j][1]]
+        if max(positions) < limit:
+            used.update(j for hit in hits for j in hit)
+            out.append(Obj(noun, (*attrs, noun), tuple(positions)))
     return out
 
 
-def objects(tokenizer, prompt: str, attributed_only=False) -> list[Obj]:
-    return align(tokenizer, prompt, parse(prompt, attributed_only))
+def objects(tokenizer, prompt: str, max_objects=None, attributed_only=False) -> list[Obj]:
+    """The prompt's objects with their CLIP token positions, at most max_objects (first ones)."""
+    return align(tokenizer, prompt, parse(prompt, attributed_only))[:max_objects]
 
 
 def to_pil(images):
-    """(B, 3, H, W) in [0, 1] -> PIL images: the segmenters see the clamped, detached picture."""
-    arr = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    """(B, 3, H, W) in [0, 1] -> PIL images of the clamped, detached picture (uint8 by truncation,
+    as the official gsam_interface does)."""
+    arr = (images.detach().float().clamp(0, 1) * 255).to(torch.uint8)
     return [Image.fromarray(a.permute(1, 2, 0).cpu().numpy()) for a in arr]
 
 
 def boxes_to_masks(sam, sam_processor, image, boxes):
-    """SAM masks (n, H, W) bool for xyxy pixel boxes (n, 4) on one PIL image."""
+    """SAM masks (n, H, W) bool for xyxy pixel boxes (n, 4) on one PIL image (one mask per box)."""
     inputs = sam_processor(images=image, input_boxes=[boxes.tolist()], return_tensors="pt")
-    inputs = inputs.to(sam.device)
-    out = sam(**inputs, multimask_output=False)
+    inputs = inputs.to(sam.device, sam.dtype)  # floats to the model dtype, ids/sizes stay ints
+    out = sam(**inputs, multimask_output=False)  # pred_masks (1, n, 1, 256, 256) logits
     masks = sam_processor.image_processor.post_process_masks(
-        out.pred_masks.cpu(), inputs["original_sizes"].cpu(), inputs["reshaped_input_sizes"].cpu())
+        out.pred_masks.float().cpu(), inputs["original_sizes"].cpu(),
+        inputs["reshaped_input_sizes"].cpu())  # logits > 0 at the original size
     return masks[0][:, 0].bool()  # (n, H, W)
 
 
@@ -120,26 +160,32 @@ def grounded_sam(dino, dino_processor, sam, sam_processor, box_threshold=0.3,
     @torch.no_grad()
     def seg(images, nouns):
         B, _, H, W = images.shape
+        assert len(nouns) == B, f"{len(nouns)} noun lists for {B} images"
         K = max([len(n) for n in nouns] + [1])
         masks = torch.zeros(B, K, H, W, dtype=torch.bool)
         found = torch.zeros(B, K, dtype=torch.bool)
         for b, (image, names) in enumerate(zip(to_pil(images), nouns)):
             if not names:
                 continue
-            inputs = dino_processor(images=image, text=" . ".join(names) + " .",
-                                    return_tensors="pt").to(dino.device)
+            # the caption format the HF processor builds from labels: "cat. dog."
+            names = [n.strip().lower() for n in names]
+            inputs = dino_processor(images=image, text=". ".join(names) + ".",
+                                    return_tensors="pt").to(dino.device, dino.dtype)
             det = dino_processor.post_process_grounded_object_detection(
-                dino(**inputs), inputs.input_ids, threshold=box_threshold,
+                dino(**inputs), inputs["input_ids"], threshold=box_threshold,
                 text_threshold=text_threshold, target_sizes=[(H, W)])[0]
-            labels = [str(lab).strip() for lab in det["text_labels"]]
-            keep = [i for i, lab in enumerate(labels) if lab in names]
+            # the phrase must equal a noun exactly; "red car" for "car" is ignored (P15). Spaces
+            # (BERT decodes "t-shirt" as "t - shirt"), dots and special tokens like a trailing
+            # "[SEP]" (HF decodes them into the phrase) are not words, so they are dropped
+            keys = [n.replace(" ", "") for n in names]
+            labels = [re.sub(r"\[[A-Z]+\]|[\s.]", "", lab) for lab in det["text_labels"]]
+            keep = [i for i, lab in enumerate(labels) if lab in keys]
             if not keep:
                 continue
-            box_masks = boxes_to_masks(sam, sam_processor, image, det["boxes"][keep].cpu())
+            box_masks = boxes_to_masks(sam, sam_processor, image, det["boxes"][keep].float().cpu())
             for m, i in zip(box_masks, keep):
-                k = names.index(labels[i])
-                masks[b, k] |= m
-                found[b, k] = True
+                k = keys.index(labels[i])
+                masks[b, k], found[b, k] = masks[b, k] | m, True
         return masks.to(images.device), found.to(images.device)
     return seg
 
@@ -148,5 +194,7 @@ def load_segmenter(dino_path, sam_path, device="cpu"):
     """Grounding-DINO and SAM from local folders, frozen: the four arguments of grounded_sam."""
     dino = GroundingDinoForObjectDetection.from_pretrained(dino_path, local_files_only=True)
     sam = SamModel.from_pretrained(sam_path, local_files_only=True)
-    return (dino.to(device).eval(), AutoProcessor.from_pretrained(dino_path, local_files_only=True),
-            sam.to(device).eval(), SamProcessor.from_pretrained(sam_path, local_files_only=True))
+    return (dino.to(device).eval().requires_grad_(False),
+            AutoProcessor.from_pretrained(dino_path, local_files_only=True),
+            sam.to(device).eval().requires_grad_(False),
+            SamProcessor.from_pretrained(sam_path, local_files_only=True))
