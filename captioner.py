@@ -63,7 +63,9 @@ def caption_logprob(cap, images, prompts, prefix="a photography of", smoothing=0
     """
     model, tok = cap
     texts = [f"{prefix} {p.lower()}" for p in prompts]
-    enc = tok(texts, padding="longest", return_tensors="pt").to(images.device)
+    limit = model.config.text_config.max_position_embeddings  # over-long prompts are cut here
+    enc = tok(texts, padding="longest", truncation=True, max_length=limit, return_tensors="pt")
+    enc = enc.to(images.device)
     n_prefix = len(tok(prefix).input_ids) - 1  # [CLS] + prefix words, without the final [SEP]
     size = model.config.vision_config.image_size
     pixels = preprocess(images, size, crop).to(model.dtype)

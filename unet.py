@@ -160,17 +160,17 @@ class TransformerBlock(nn.Module):
 
 
 @contextmanager
-def discard_probs(m: nn.Module):
-    """Checkpoint recomputation runs forward a second time: send those probs to a throwaway list."""
-    attns = [a for a in m.modules() if isinstance(a, Attention)]
-    kept = [a.probs for a in attns]
-    for a in attns:
-        a.probs = []
+def replay(attns: list, flags: list):
+    """Checkpoint recomputation (during backward) must take the forward's path, explicit softmax or
+    SDPA, whatever `store` says by then; the probs it recomputes go to a throwaway list."""
+    saved = [(a.store, a.probs) for a in attns]
+    for a, flag in zip(attns, flags):
+        a.store, a.probs = flag, []
     try:
         yield
     finally:
-        for a, probs in zip(attns, kept):
-            a.probs = probs
+        for a, (flag, probs) in zip(attns, saved):
+            a.store, a.probs = flag, probs
 
 
 def run(m: nn.Module, ckpt: bool, *args):
@@ -179,7 +179,9 @@ def run(m: nn.Module, ckpt: bool, *args):
     Non-reentrant so stored attention probs keep a graph that reaches the weights."""
     if not ckpt:
         return m(*args)
-    ctx = lambda: (nullcontext(), discard_probs(m))  # (forward, recompute) contexts
+    attns = [a for a in m.modules() if isinstance(a, Attention)]
+    # context_fn runs at forward time, so the flags are the forward's: (forward, recompute) contexts
+    ctx = lambda: (nullcontext(), replay(attns, [a.store for a in attns]))
     return checkpoint(m, *args, use_reentrant=False, context_fn=ctx)
 
 

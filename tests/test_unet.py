@@ -91,7 +91,11 @@ def test_gradient_checkpointing(kind):
             a.probs.clear()
         out = unet(x, t, ctx, pooled, time_ids)
         loss = out.square().mean() + sum(a.probs[0][..., 0].mean() for a in attns)
+        for a in attns:  # as training does: storing is switched off before backward, and the
+            a.store = False  # recomputation must still replay the forward's explicit path
         loss.backward()
+        for a in attns:
+            a.store = True
         # Recomputation in backward must not append a second copy of the maps.
         assert all(len(a.probs) == 1 for a in attns)
         return out.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}

@@ -1,0 +1,120 @@
+"""train.py end to end on tiny random models (BLIP, Grounding-DINO, SAM, UNet): checkpoints that
+sample.py loads, exact resume, two processes = one with the combined batch, and bad input."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import sample
+import train
+from oracle import tiny_blip, tiny_grounded_sam
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red cat and a blue dog", "a green circle on the left of a red square", "a blue dog",
+           "a red square above a green circle"]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("world")
+    torch.manual_seed(0)
+    gd, sam = tiny_grounded_sam(str(d))
+    (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    return {"dir": d, "args": ["--prompts", str(d / "prompts.txt"), "--captioner",
+                               tiny_blip(str(d / "blip")), "--dino", gd, "--sam", sam,
+                               "--size", "32", "--total_steps", "4", "--grad_steps", "2",
+                               "--rank", "4", "--batch", "2"]}
+
+
+def run(world, out, *extra):
+    train.main(world["args"] + ["--out", str(out), *extra])
+    return load_file(os.path.join(out, "lora.safetensors"))
+
+
+def test_two_steps_write_what_sample_loads(world, tmp_path):
+    lora = run(world, tmp_path / "run", "--steps", "2", "--every", "2")
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # the LoRA moved
+    for f in ("ckpt-2/lora.safetensors", "ckpt-2/disc.safetensors", "ckpt-2/state.pt", "latest",
+              "log.jsonl", "loss.png", "samples-000002.png", "real_latents.safetensors"):
+        assert (tmp_path / "run" / f).exists(), f
+    rows = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 2 and all(k in rows[0] for k in ('"cap"', '"tok"', '"pix"', '"adv"'))
+    out = tmp_path / "s.png"
+    sample.main(["a red cat", "--lora", str(tmp_path / "run" / "lora.safetensors"), "--steps", "2",
+                 "--out", str(out)])
+    assert out.exists()
+
+
+def test_resume_is_exact(world, tmp_path):
+    straight = run(world, tmp_path / "a", "--steps", "4", "--every", "2")
+    run(world, tmp_path / "b", "--steps", "2", "--every", "2")
+    resumed = run(world, tmp_path / "b", "--steps", "4", "--every", "2", "--resume")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    da, db = (load_file(tmp_path / r / "ckpt-4" / "disc.safetensors") for r in ("a", "b"))
+    assert all(torch.equal(da[k], db[k]) for k in da)
+
+
+def test_two_processes_equal_one_with_the_combined_batch(world, tmp_path):
+    args = world["args"] + ["--steps", "2", "--every", "2", "--sampler", "ddim"]
+    one = run(world, tmp_path / "one", "--steps", "2", "--every", "2", "--sampler", "ddim",
+              "--batch", "2")
+    two = [a if a != "2" or args[i - 1] != "--batch" else "1" for i, a in enumerate(args)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29517", os.path.join(ROOT, "train.py"), *two,
+           "--out", str(tmp_path / "two")]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]  # includes the ranks' weight-equality check
+    two = load_file(tmp_path / "two" / "lora.safetensors")
+    # Adam's update is about lr (5e-5) per step whatever the gradient's size, so all-reduce
+    # rounding shows up at ~1e-6; a tenth of one step is the bar, and B moved far past it.
+    assert max(v.abs().max() for k, v in one.items() if "lora_B" in k) > 5e-5
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=0, atol=5e-6)
+
+
+@pytest.mark.parametrize("text", [None, "", "\n  \n\n"])
+def test_bad_prompt_files(world, tmp_path, text):
+    path = tmp_path / "p.txt"
+    if text is not None:
+        path.write_text(text)
+    args = world["args"] + ["--prompts", str(path), "--out", str(tmp_path / "o")]
+    with pytest.raises(SystemExit, match="error: prompts file"):
+        train.main(args)
+
+
+def test_unparseable_and_over_long_prompts_warn(world, tmp_path):
+    (tmp_path / "p.txt").write_text("the sky at night\n" + "a very long prompt " * 30 + "\n")
+    with pytest.warns(UserWarning) as caught:
+        run(world, tmp_path / "o", "--prompts", str(tmp_path / "p.txt"), "--steps", "1")
+    text = " ".join(str(w.message) for w in caught)
+    assert "no prompt has a parseable object" in text and "truncated" in text
+
+
+def test_non_finite_losses_skip_then_stop_with_a_checkpoint(world, tmp_path):
+    with pytest.warns(UserWarning, match="non-finite loss, step skipped"):
+        with pytest.raises(SystemExit, match="2 non-finite losses in a row; checkpoint saved"):
+            run(world, tmp_path / "o", "--steps", "5", "--w_cap", "nan", "--max_nan", "2")
+    assert (tmp_path / "o" / "latest").read_text() == "ckpt-1"
+
+
+def test_interrupted_save_leaves_the_last_checkpoint_usable(world, tmp_path, monkeypatch):
+    real_save, calls = torch.save, []
+
+    def dying_save(*a, **k):  # the run is killed while writing its second checkpoint
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save(*a, **k)
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        run(world, tmp_path / "o", "--steps", "3", "--every", "1")
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "o" / "latest").read_text() == "ckpt-1"
+    assert not (tmp_path / "o" / "ckpt-2").exists()  # only a .tmp folder, never a half checkpoint
+    run(world, tmp_path / "o", "--steps", "3", "--every", "1", "--resume")
+    assert (tmp_path / "o" / "latest").read_text() == "ckpt-3"

@@ -1,0 +1,388 @@
+"""CoMat fine-tuning (Jiang et al., NeurIPS 2024, arXiv 2404.03653) of SD1.5 / SDXL: one flat loop.
+
+Each step samples images from text prompts with gradient on K of the T denoising steps, then adds
+concept matching (a frozen BLIP's log-likelihood of the prompt), attribute concentration (token and
+pixel cross-attention losses against Grounded-SAM masks) and fidelity preservation (a GAN whose
+discriminator starts from the pretrained UNet). Defaults are the official scripts' (spec/comat.md).
+Usage: python train.py --prompts prompts.txt --model sd15 --captioner blip --dino gdino --sam sam
+       torchrun --nproc_per_node 8 train.py ...   (prompts split across ranks, gradients averaged)
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+import types
+import warnings
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+import comat
+import sample
+import viz
+from captioner import caption_logprob, load_captioner, random_crop
+from segment import grounded_sam, load_segmenter, objects
+from unet import LoRALinear, add_lora, lora_state_dict
+from weights import load
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    prompts: str = "prompts.txt"  # one prompt a line, or .jsonl lines {"prompt": ...}
+    model: str = "tiny"           # tiny | tiny-sdxl | diffusers folder | original .safetensors
+    captioner: str = ""           # BLIP folder (official: Salesforce/blip-image-captioning-large)
+    dino: str = ""                # Grounding-DINO folder; empty = no attribute concentration
+    sam: str = ""                 # SAM folder (box prompts; official used FastSAM)
+    out: str = "runs/comat"       # checkpoints, log.jsonl, pictures
+    steps: int = 2000             # optimizer steps (official 2000)
+    batch: int = 4                # prompts per process per step (official SD1.5 4, SDXL 6)
+    size: int = 512               # image side in pixels (official 512 for both models)
+    lr: float = 5e-5              # generator AdamW lr, constant (official SD1.5 5e-5, SDXL 2e-5)
+    lr_d: float = 2e-5            # discriminator lr, AdamW betas (0, 0.999) (SDXL 5e-5)
+    clip: float = 0.1             # generator grad-norm clip: unusually tight, and it matters
+    clip_d: float = 1.0           # discriminator grad-norm clip
+    rank: int = 128               # LoRA rank on to_q/k/v/out of every attention; 0 = full fine-tune
+    sampler: str = "ddpm"         # the official code trains with DDPM ancestral steps; or ddim
+    total_steps: int = 50         # T denoising steps per sample
+    grad_steps: int = 5           # K steps whose UNet call builds a graph
+    grad_mode: str = "comat"      # comat (K evenly spaced, random offset) | last | single
+    detach: bool | None = None    # detach the UNet input at those steps; None = official per model
+    attn_steps: int = 2           # attention-loss steps drawn with replacement from the K
+    cfg: float = 7.5              # guidance scale during training, negative prompt ""
+    w_cap: float = 1.0            # concept matching
+    w_tok: float = 1e-3           # token-level attention loss
+    w_pix: float = 5e-5           # pixel-level attention loss
+    w_adv: float = 1.0            # adversarial term (official SDXL 0.5)
+    smoothing: float = 0.1        # BLIP label smoothing (what official transformers 4.31 applied)
+    real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
+    precision: str = "auto"       # bf16 (autocast, bf16 base weights, fp32 LoRA) | fp32 | auto
+    checkpointing: bool = True    # gradient checkpointing of UNet blocks
+    seed: int = 42
+    every: int = 200              # sample grid, heat-maps, loss curve and checkpoint every N steps
+    max_nan: int = 5              # consecutive non-finite losses before stopping with a checkpoint
+    resume: bool = False          # continue from out/latest
+
+
+SDXL_DEFAULTS = dict(lr=2e-5, lr_d=5e-5, w_adv=0.5, batch=6)  # scripts/sdxl.sh
+
+
+def parse(argv):
+    """CLI flags from the dataclass fields; returns the config and the names given explicitly."""
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    for f in fields(TrainConfig):
+        bool_like = f.type is bool or f.type == (bool | None)
+        kind = {"action": argparse.BooleanOptionalAction} if bool_like else {"type": f.type}
+        ap.add_argument("--" + f.name, default=None, help=f"default {f.default!r}", **kind)
+    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
+    return TrainConfig(**given), set(given)
+
+
+def set_trainable(params, on):
+    for p in params:
+        p.requires_grad_(on)
+
+
+def average_grads(params, world):
+    """Data parallelism by hand: all-reduce and average every gradient (DDP does it in buckets)."""
+    if world > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def save_checkpoint(out, step, unet, D, opt, opt_d, full):
+    """Write out/ckpt-STEP atomically (temp folder, rename), then point out/latest at it."""
+    final, tmp = os.path.join(out, f"ckpt-{step}"), os.path.join(out, f"ckpt-{step}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    weights = unet.state_dict() if full else lora_state_dict(unet)
+    save_file({k: v.contiguous() for k, v in weights.items()},
+              os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
+    save_file({k: v.detach().contiguous() for k, v in D.state_dict().items()},
+              os.path.join(tmp, "disc.safetensors"))
+    torch.save({"step": step, "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
+                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as fh:
+        fh.write(os.path.basename(final))
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    return final
+
+
+def main(argv=None):
+    cfg, given = parse(argv)
+    # --- distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK ---
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    # --- data and frozen models ---
+    prompts = sample.read_prompts(cfg.prompts)
+    if not prompts:
+        raise SystemExit(f"error: prompts file has no prompts: {cfg.prompts}")
+    pipe = load(cfg.model, device, dtype)
+    if pipe.sdxl:  # the official SDXL script's values, unless given on the command line
+        cfg = replace(cfg, **{k: v for k, v in SDXL_DEFAULTS.items() if k not in given})
+    detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
+    f = 2 ** (len(pipe.vae.cfg.channels) - 1)
+    if cfg.size % f or cfg.size < 4 * f:
+        raise SystemExit(f"error: --size must be a multiple of {f} and at least {4 * f}")
+    if not cfg.captioner:
+        raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
+    cap = load_captioner(cfg.captioner, device, dtype)
+    seg = grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam else None
+    if seg is None and rank == 0:
+        warnings.warn("no --dino/--sam: attribute concentration is off (token and pixel losses 0)")
+    objs = [objects(pipe.tokenizers[0], p) for p in prompts]
+    tok_len = pipe.tokenizers[0].model_max_length  # T: the maps' key length
+    if rank == 0 and not any(objs):
+        warnings.warn("no prompt has a parseable object: attention losses will be 0")
+
+    # --- trainable weights: LoRA (official) or the whole UNet; discriminator from the base UNet ---
+    unet = pipe.unet.requires_grad_(False)
+    torch.manual_seed(cfg.seed)  # same LoRA init on every rank, as data parallelism needs
+    D = comat.Discriminator(copy.deepcopy(unet))
+    add_lora(D.unet, cfg.rank or 128)
+    D.head.float()
+    if cfg.rank:
+        add_lora(unet, cfg.rank)
+    else:
+        unet.requires_grad_(True)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    d_params = [p for p in D.parameters() if p.requires_grad]
+    unet.gradient_checkpointing = D.unet.gradient_checkpointing = cfg.checkpointing
+    opt = torch.optim.AdamW(params, cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    opt_d = torch.optim.AdamW(d_params, cfg.lr_d, betas=(0.0, 0.999), weight_decay=1e-2, eps=1e-8)
+    # official layers: mid and up blocks, never down; kept apart because the pixel loss averages
+    # maps per (block, resolution) group: SD1.5 mid_8 up_16 up_32 up_64, SDXL mid_16 up_16 up_32
+    mid_mods, up_mods = comat.loss_modules(unet, ("mid",)), comat.loss_modules(unet, ("up",))
+    loss_mods = mid_mods + up_mods
+    ts, abar = sample.timesteps(cfg.total_steps), sample.alphas_cumprod()
+    lat_shape = (pipe.unet.cfg.in_channels, cfg.size // f, cfg.size // f)
+    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
+
+    def cond(batch_prompts):
+        """Frozen text conditioning with the official training negative, the encoding of ""."""
+        with torch.no_grad():
+            c, u, p, up = sample.conditioning(pipe, batch_prompts, negative="")
+        ids = sample.time_ids(cfg.size, cfg.size, len(batch_prompts)).to(device, dtype) \
+            if pipe.sdxl else None
+        return c, u, p, up, ids
+
+    def generate(batch_prompts, x, g, grads=(), store_at=(), maps=None):
+        """x_T (B, C, h, w) -> final latent; DDPM noise from g; graph only at `grads`."""
+        c, u, p, up, ids = cond(batch_prompts)
+        guided = sample.cfg_fn(unet, c, u, cfg.cfg, p, up, ids)
+
+        def eps(x, t):  # keep cross-attention probs (with graph) only at the chosen steps
+            for m in loss_mods:
+                m.store = t in store_at
+            e = guided(x, t)
+            if t in store_at:  # one list per (step, block kind): the official sums over steps
+                maps.extend([comat.attention_maps(mid_mods), comat.attention_maps(up_mods)])
+            return e
+        z = sample.denoise(eps, x.to(device), ts, abar, cfg.sampler, grads, detach, g)
+        for m in loss_mods:
+            m.store = False
+        return z
+
+    def base_latents(batch_prompts, x, g):
+        """On-the-fly reals (--real fly): the base model, LoRA switched off, same prompts."""
+        lora = [m for m in unet.modules() if isinstance(m, LoRALinear)]
+        if not lora:
+            raise SystemExit("error: --real fly needs LoRA training (--rank > 0)")
+        for m in lora:
+            m.scale, m.kept = 0.0, m.scale
+        with torch.no_grad():
+            z = generate(batch_prompts, x, g)
+        for m in lora:
+            m.scale = m.kept
+        return z
+
+    def disc(z):
+        """D on clean latents at the last sampling timestep, conditioned on the empty prompt."""
+        _, u, _, up, ids = cond([""] * len(z))
+        return D(z, ts[-1], u, up, ids)
+
+    def batch_of(step):
+        """This rank's prompt indices at `step`: a seeded permutation per epoch, so resuming or
+        changing the number of processes sees the same global batches."""
+        gb = cfg.batch * world
+        idx = []
+        for j in range(step * gb, (step + 1) * gb):
+            perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(
+                cfg.seed + j // len(prompts)))
+            idx.append(perm[j % len(prompts)].item())
+        return idx[rank * cfg.batch:(rank + 1) * cfg.batch]
+
+    # --- the discriminator's "real" latents: the frozen base model on the same prompts ---
+    os.makedirs(cfg.out, exist_ok=True)
+    real_path = os.path.join(cfg.out, "real_latents.safetensors")
+    if cfg.real == "cache" and not os.path.exists(real_path):
+        if rank == 0:  # the LoRA is still zero here, so the model IS the base model
+            with torch.no_grad(), autocast:
+                real = []
+                for i in tqdm(range(0, len(prompts), 8), desc="real latents"):
+                    g = torch.Generator().manual_seed(cfg.seed + i)
+                    chunk = prompts[i:i + 8]
+                    real.append(generate(chunk, torch.randn(len(chunk), *lat_shape, generator=g), g))
+                real = torch.cat(real)
+            save_file({"latents": real.float().cpu().contiguous()}, real_path + ".tmp")
+            os.replace(real_path + ".tmp", real_path)
+        if world > 1:
+            dist.barrier()
+    real = load_file(real_path)["latents"] if cfg.real == "cache" else None
+
+    # --- resume ---
+    start, log_rows, nan_run = 0, [], 0
+    latest = os.path.join(cfg.out, "latest")
+    if cfg.resume and os.path.exists(latest):
+        ck = os.path.join(cfg.out, open(latest).read().strip())
+        w = load_file(os.path.join(ck, "lora.safetensors" if cfg.rank else "unet.safetensors"))
+        unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()}, strict=False)
+        D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
+        st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+        opt.load_state_dict(st["opt"])
+        opt_d.load_state_dict(st["opt_d"])
+        torch.set_rng_state(st["torch_rng"])
+        start = st["step"]
+        log_path = os.path.join(cfg.out, "log.jsonl")
+        if os.path.exists(log_path):
+            log_rows = [r for r in map(json.loads, open(log_path)) if r["step"] < start]
+    log = open(os.path.join(cfg.out, "log.jsonl") if rank == 0 else os.devnull, "w")
+    for r in log_rows:
+        log.write(json.dumps(r) + "\n")
+
+    # --- the loop ---
+    for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0):
+        t0 = time.time()
+        idx = batch_of(step)
+        batch_prompts, batch_objs = [prompts[i] for i in idx], [objs[i] for i in idx]
+        rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
+        grads = sample.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
+        store_at = {ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if seg else set()
+        # x_T is drawn for the global batch and sliced, so N processes draw what one process
+        # with the combined batch draws; DDPM's per-step noise comes from a per-rank generator.
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+        x_T = torch.randn(cfg.batch * world, *lat_shape, generator=g)
+        x_T = x_T[rank * cfg.batch:(rank + 1) * cfg.batch]
+        g = torch.Generator().manual_seed(cfg.seed * 7919 + step + 104729 * rank)
+
+        # 1-2. sample with gradient on the chosen steps, decode
+        maps = []
+        with autocast:
+            z = generate(batch_prompts, x_T, g, grads, store_at, maps)
+            img = sample.decode(pipe, z)  # (B, 3, H, W), about [0, 1], graph kept, not clamped
+            # 3. concept matching on a jittered crop
+            cap_l = comat.caption_loss(caption_logprob(cap, img, batch_prompts,
+                                                       smoothing=cfg.smoothing,
+                                                       crop=random_crop(cfg.size, rng)))
+            # 4. fidelity: the generator's adversarial term, D frozen for this step
+            set_trainable(d_params, False)
+            adv = comat.g_loss(disc(z))
+        # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
+        tok = pix = torch.zeros(len(idx), device=device)
+        if seg and any(batch_objs):
+            masks, found = seg(img.detach().float().clamp(0, 1),
+                               [[o.noun for o in ob] for ob in batch_objs])
+            tokens = comat.object_tokens(batch_objs, T=tok_len).to(device)
+            for group in maps:
+                t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
+                                                cond_half=cfg.cfg > 1)
+                tok, pix = tok + t_l, pix + p_l
+        loss = (cfg.w_cap * cap_l.float() + cfg.w_tok * tok + cfg.w_pix * pix
+                + cfg.w_adv * adv.float()).mean()
+
+        # 6. generator step (skipped, with a warning, when the loss is not finite)
+        finite = torch.isfinite(loss.detach()).float()
+        if world > 1:  # every rank skips together, or the all-reduces below would hang
+            dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        if not bool(finite):
+            nan_run += 1
+            warnings.warn(f"step {step}: non-finite loss, step skipped ({nan_run} in a row)")
+            if nan_run >= cfg.max_nan:
+                if rank == 0:
+                    save_checkpoint(cfg.out, step, unet, D, opt, opt_d, not cfg.rank)
+                raise SystemExit(f"error: {nan_run} non-finite losses in a row; checkpoint saved")
+            continue
+        nan_run = 0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        average_grads(params, world)
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        opt.step()
+
+        # 7. discriminator step on [fake; real], fakes detached
+        set_trainable(d_params, True)
+        fake = z.detach()
+        reals = real[idx] if real is not None else base_latents(batch_prompts, x_T, g)
+        with autocast:
+            logits = disc(torch.cat([fake, reals.to(fake)]))
+            d_l = comat.d_loss(logits[len(fake):], logits[:len(fake)]).mean()
+        opt_d.zero_grad(set_to_none=True)
+        d_l.backward()
+        average_grads(d_params, world)
+        torch.nn.utils.clip_grad_norm_(d_params, cfg.clip_d)
+        opt_d.step()
+
+        # 8. log, pictures, checkpoint (rank 0 only)
+        row = {"step": step + 1, "loss": loss.item(), "cap": cap_l.mean().item(),
+               "tok": tok.mean().item(), "pix": pix.mean().item(), "adv": adv.mean().item(),
+               "d": d_l.item(), "grad_norm": gnorm.item(), "sec": round(time.time() - t0, 3)}
+        log_rows.append(row)
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+        if rank == 0 and ((step + 1) % cfg.every == 0 or step + 1 == cfg.steps):
+            pictures(cfg, pipe, prompts, objs, log_rows, maps, img, batch_objs, step + 1)
+            save_checkpoint(cfg.out, step + 1, unet, D, opt, opt_d, not cfg.rank)
+    if world > 1:  # data parallelism must leave identical weights on every rank: check it
+        total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+        lo, hi = total.clone(), total.clone()
+        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+        assert lo.item() == hi.item(), "ranks ended with different weights"
+    if rank == 0:
+        final = os.path.join(cfg.out, "lora.safetensors" if cfg.rank else "unet.safetensors")
+        w = lora_state_dict(unet) if cfg.rank else unet.state_dict()
+        save_file({k: v.detach().contiguous() for k, v in w.items()}, final + ".tmp")
+        os.replace(final + ".tmp", final)
+        print(f"wrote {final} (sample with: python sample.py PROMPT --model {cfg.model} "
+              f"--{'lora' if cfg.rank else 'unet'} {final})")
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def pictures(cfg, pipe, prompts, objs, rows, maps, img, batch_objs, step):
+    """Sample grid (fixed prompts and seeds), heat-maps of the last step, loss curve."""
+    fixed = prompts[:4]
+    with torch.no_grad():
+        images = sample.generate(pipe, fixed, cfg.total_steps, cfg.cfg, cfg.size, "ddim", seed=0,
+                                 progress=False)
+    viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(fixed))
+    viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
+    flat = [m for group in maps for m in group]
+    if flat and batch_objs[0]:  # the finest resolution, sample 0's conditional half
+        fine = [m for m in flat if m.shape[2] == max(m.shape[2] for m in flat)]
+        a = torch.stack([m[len(m) // 2].float().mean(0) for m in fine]).mean(0)  # (HW, T)
+        tokens = comat.object_tokens([batch_objs[0]], T=a.shape[-1])[0]
+        viz.heatmaps(img[0].detach(), a.detach(), tokens, [o.noun for o in batch_objs[0]],
+                     os.path.join(cfg.out, f"attn-{step:06d}.png"))
+
+
+if __name__ == "__main__":
+    main()
