@@ -170,6 +170,8 @@ def read_prompts(path):
     if not os.path.isfile(path):
         sys.exit(f"error: prompts file not found: {path}")
     lines = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    if not lines:
+        sys.exit(f"error: prompts file has no prompts: {path}")
     return [json.loads(ln)["prompt"] if path.endswith(".jsonl") else ln for ln in lines]
 
 

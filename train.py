@@ -22,16 +22,16 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 import comat
 import sample
 import viz
 from captioner import caption_logprob, load_captioner, random_crop
-from segment import grounded_sam, load_segmenter, objects
-from unet import LoRALinear, add_lora, lora_state_dict
-from weights import load
+from segment import align, grounded_sam, load_segmenter, objects
+from unet import LoRALinear, add_lora, fold_lora, lora_state_dict
+from weights import load, save_weights
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,7 @@ class TrainConfig:
     every: int = 200              # sample grid, heat-maps, loss curve and checkpoint every N steps
     max_nan: int = 5              # consecutive non-finite losses before stopping with a checkpoint
     resume: bool = False          # continue from out/latest
+    export: bool = False          # also write out/unet.safetensors with the LoRA folded in
 
 
 SDXL_DEFAULTS = dict(lr=2e-5, lr_d=5e-5, w_adv=0.5, batch=6)  # scripts/sdxl.sh
@@ -83,11 +84,6 @@ def parse(argv):
         ap.add_argument("--" + f.name, default=None, help=f"default {f.default!r}", **kind)
     given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
     return TrainConfig(**given), set(given)
-
-
-def set_trainable(params, on):
-    for p in params:
-        p.requires_grad_(on)
 
 
 def average_grads(params, world):
@@ -105,11 +101,9 @@ def save_checkpoint(out, step, unet, D, opt, opt_d, full):
     final, tmp = os.path.join(out, f"ckpt-{step}"), os.path.join(out, f"ckpt-{step}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    weights = unet.state_dict() if full else lora_state_dict(unet)
-    save_file({k: v.contiguous() for k, v in weights.items()},
-              os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
-    save_file({k: v.detach().contiguous() for k, v in D.state_dict().items()},
-              os.path.join(tmp, "disc.safetensors"))
+    save_weights(unet.state_dict() if full else lora_state_dict(unet),
+                 os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
+    save_weights(D.state_dict(), os.path.join(tmp, "disc.safetensors"))
     torch.save({"step": step, "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
                 "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
     shutil.rmtree(final, ignore_errors=True)
@@ -133,8 +127,6 @@ def main(argv=None):
 
     # --- data and frozen models ---
     prompts = sample.read_prompts(cfg.prompts)
-    if not prompts:
-        raise SystemExit(f"error: prompts file has no prompts: {cfg.prompts}")
     pipe = load(cfg.model, device, dtype)
     if pipe.sdxl:  # the official SDXL script's values, unless given on the command line
         cfg = replace(cfg, **{k: v for k, v in SDXL_DEFAULTS.items() if k not in given})
@@ -148,8 +140,13 @@ def main(argv=None):
     seg = grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam else None
     if seg is None and rank == 0:
         warnings.warn("no --dino/--sam: attribute concentration is off (token and pixel losses 0)")
-    objs = [objects(pipe.tokenizers[0], p) for p in prompts]
-    tok_len = pipe.tokenizers[0].model_max_length  # T: the maps' key length
+    tok = pipe.tokenizers[0]
+    objs = [objects(tok, p) for p in prompts]
+    if cfg.prompts.endswith(".jsonl"):  # precomputed objects: {"objects": [[attr..., noun], ...]}
+        rows = [json.loads(ln) for ln in open(cfg.prompts, encoding="utf-8") if ln.strip()]
+        objs = [align(tok, r["prompt"], [(tuple(g[:-1]), g[-1]) for g in r["objects"]])
+                if "objects" in r else o for r, o in zip(rows, objs)]
+    tok_len = tok.model_max_length  # T: the maps' key length
     if rank == 0 and not any(objs):
         warnings.warn("no prompt has a parseable object: attention losses will be 0")
 
@@ -206,12 +203,13 @@ def main(argv=None):
         lora = [m for m in unet.modules() if isinstance(m, LoRALinear)]
         if not lora:
             raise SystemExit("error: --real fly needs LoRA training (--rank > 0)")
+        scales = [m.scale for m in lora]
         for m in lora:
-            m.scale, m.kept = 0.0, m.scale
+            m.scale = 0.0
         with torch.no_grad():
             z = generate(batch_prompts, x, g)
-        for m in lora:
-            m.scale = m.kept
+        for m, s in zip(lora, scales):
+            m.scale = s
         return z
 
     def disc(z):
@@ -222,13 +220,11 @@ def main(argv=None):
     def batch_of(step):
         """This rank's prompt indices at `step`: a seeded permutation per epoch, so resuming or
         changing the number of processes sees the same global batches."""
-        gb = cfg.batch * world
-        idx = []
-        for j in range(step * gb, (step + 1) * gb):
-            perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(
-                cfg.seed + j // len(prompts)))
-            idx.append(perm[j % len(prompts)].item())
-        return idx[rank * cfg.batch:(rank + 1) * cfg.batch]
+        idx, first = [], (step * world + rank) * cfg.batch
+        for j in range(first, first + cfg.batch):  # j: position in the endless shuffled stream
+            g = torch.Generator().manual_seed(cfg.seed + j // len(prompts))  # one order per epoch
+            idx.append(torch.randperm(len(prompts), generator=g)[j % len(prompts)].item())
+        return idx
 
     # --- the discriminator's "real" latents: the frozen base model on the same prompts ---
     os.makedirs(cfg.out, exist_ok=True)
@@ -238,12 +234,11 @@ def main(argv=None):
             with torch.no_grad(), autocast:
                 real = []
                 for i in tqdm(range(0, len(prompts), 8), desc="real latents"):
-                    g = torch.Generator().manual_seed(cfg.seed + i)
-                    chunk = prompts[i:i + 8]
-                    real.append(generate(chunk, torch.randn(len(chunk), *lat_shape, generator=g), g))
+                    g, chunk = torch.Generator().manual_seed(cfg.seed + i), prompts[i:i + 8]
+                    x = torch.randn(len(chunk), *lat_shape, generator=g)
+                    real.append(generate(chunk, x, g))
                 real = torch.cat(real)
-            save_file({"latents": real.float().cpu().contiguous()}, real_path + ".tmp")
-            os.replace(real_path + ".tmp", real_path)
+            save_weights({"latents": real.float().cpu()}, real_path)
         if world > 1:
             dist.barrier()
     real = load_file(real_path)["latents"] if cfg.real == "cache" else None
@@ -262,8 +257,7 @@ def main(argv=None):
         torch.set_rng_state(st["torch_rng"])
         start = st["step"]
         log_path = os.path.join(cfg.out, "log.jsonl")
-        if os.path.exists(log_path):
-            log_rows = [r for r in map(json.loads, open(log_path)) if r["step"] < start]
+        log_rows = [r for r in map(json.loads, open(log_path)) if r["step"] <= start]
     log = open(os.path.join(cfg.out, "log.jsonl") if rank == 0 else os.devnull, "w")
     for r in log_rows:
         log.write(json.dumps(r) + "\n")
@@ -293,7 +287,8 @@ def main(argv=None):
                                                        smoothing=cfg.smoothing,
                                                        crop=random_crop(cfg.size, rng)))
             # 4. fidelity: the generator's adversarial term, D frozen for this step
-            set_trainable(d_params, False)
+            for p in d_params:
+                p.requires_grad_(False)
             adv = comat.g_loss(disc(z))
         # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
         tok = pix = torch.zeros(len(idx), device=device)
@@ -328,7 +323,8 @@ def main(argv=None):
         opt.step()
 
         # 7. discriminator step on [fake; real], fakes detached
-        set_trainable(d_params, True)
+        for p in d_params:
+            p.requires_grad_(True)
         fake = z.detach()
         reals = real[idx] if real is not None else base_latents(batch_prompts, x_T, g)
         with autocast:
@@ -348,39 +344,36 @@ def main(argv=None):
         log.write(json.dumps(row) + "\n")
         log.flush()
         if rank == 0 and ((step + 1) % cfg.every == 0 or step + 1 == cfg.steps):
-            pictures(cfg, pipe, prompts, objs, log_rows, maps, img, batch_objs, step + 1)
+            pictures(cfg, pipe, prompts, log_rows, maps, img, batch_objs[0], step + 1)
             save_checkpoint(cfg.out, step + 1, unet, D, opt, opt_d, not cfg.rank)
     if world > 1:  # data parallelism must leave identical weights on every rank: check it
-        total = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
-        lo, hi = total.clone(), total.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        assert lo.item() == hi.item(), "ranks ended with different weights"
+        total = torch.stack([p.detach().double().sum() for p in params]).sum()
+        span = torch.stack([total, -total])  # after a MAX reduce: (max, -min) over the ranks
+        dist.all_reduce(span, op=dist.ReduceOp.MAX)
+        assert span[0] == -span[1], "ranks ended with different weights"
     if rank == 0:
         final = os.path.join(cfg.out, "lora.safetensors" if cfg.rank else "unet.safetensors")
-        w = lora_state_dict(unet) if cfg.rank else unet.state_dict()
-        save_file({k: v.detach().contiguous() for k, v in w.items()}, final + ".tmp")
-        os.replace(final + ".tmp", final)
+        save_weights(lora_state_dict(unet) if cfg.rank else unet.state_dict(), final)
+        if cfg.export and cfg.rank:  # a plain fine-tuned UNet (diffusers keys) for any loader
+            fold_lora(unet)
+            save_weights(unet.state_dict(), os.path.join(cfg.out, "unet.safetensors"))
         print(f"wrote {final} (sample with: python sample.py PROMPT --model {cfg.model} "
               f"--{'lora' if cfg.rank else 'unet'} {final})")
     if world > 1:
         dist.destroy_process_group()
 
 
-def pictures(cfg, pipe, prompts, objs, rows, maps, img, batch_objs, step):
-    """Sample grid (fixed prompts and seeds), heat-maps of the last step, loss curve."""
-    fixed = prompts[:4]
+def pictures(cfg, pipe, prompts, rows, maps, img, objs, step):
+    """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
     with torch.no_grad():
-        images = sample.generate(pipe, fixed, cfg.total_steps, cfg.cfg, cfg.size, "ddim", seed=0,
-                                 progress=False)
-    viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(fixed))
+        images = sample.generate(pipe, prompts[:4], cfg.total_steps, cfg.cfg, cfg.size, "ddim",
+                                 seed=0, progress=False)
+    viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(images))
     viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
-    flat = [m for group in maps for m in group]
-    if flat and batch_objs[0]:  # the finest resolution, sample 0's conditional half
-        fine = [m for m in flat if m.shape[2] == max(m.shape[2] for m in flat)]
-        a = torch.stack([m[len(m) // 2].float().mean(0) for m in fine]).mean(0)  # (HW, T)
-        tokens = comat.object_tokens([batch_objs[0]], T=a.shape[-1])[0]
-        viz.heatmaps(img[0].detach(), a.detach(), tokens, [o.noun for o in batch_objs[0]],
+    maps = [m for group in maps for m in group]
+    if maps and objs:
+        tokens = comat.object_tokens([objs], T=maps[0].shape[-1])[0]
+        viz.heatmaps(img[0], maps, tokens, [o.noun for o in objs],
                      os.path.join(cfg.out, f"attn-{step:06d}.png"))
 
 

@@ -54,21 +54,22 @@ def loss_curve(rows, path, keys=("loss", "cap", "tok", "pix", "adv", "d"), size=
     save_png(img, path)
 
 
-def heatmaps(image, attn, tokens, labels, path):
-    """The image next to one heat-map per object: attention (HW, T) summed over the object's tokens.
+def heatmaps(image, maps, tokens, labels, path):
+    """The image next to one heat-map per object: attention summed over the object's tokens.
 
-    image (3, H, W) in [0, 1]; attn (HW, T) head- and layer-averaged probabilities of one sample;
-    tokens (K, T) 0/1; labels K strings (drawn under each map).
+    image (3, H, W) in [0, 1]; maps: stored probs (2B, heads, HW, T) of CFG-batched calls, whose
+    finest resolution is averaged over heads and layers for sample 0's conditional half (index
+    B); tokens (K, T) 0/1; labels K strings, drawn under each map.
     """
+    fine = [m for m in maps if m.shape[2] == max(m.shape[2] for m in maps)]
+    attn = torch.stack([m[len(m) // 2].float().mean(0) for m in fine]).mean(0)  # (HW, T)
     _, H, W = image.shape
     side = int(math.isqrt(attn.shape[0]))
-    maps = (tokens.to(attn) @ attn.T).reshape(-1, 1, side, side)  # (K, 1, h, h)
-    maps = F.interpolate(maps, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
-    maps = maps / maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]  # each map to [0, 1]
-    tiles = [image.float().clamp(0, 1)]
-    for m in maps:  # overlay: red where the object's tokens attend, over a dimmed image
-        heat = torch.stack([m, 0.2 * m, 1 - m])
-        tiles.append(0.4 * image.float().clamp(0, 1) + 0.6 * heat)
+    heat = (tokens.to(attn) @ attn.T).reshape(-1, 1, side, side)  # (K, 1, h, h)
+    heat = F.interpolate(heat, size=(H, W), mode="bilinear", align_corners=False)[:, 0]
+    heat = heat / heat.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]  # each map to [0, 1]
+    image = image.detach().float().clamp(0, 1)
+    tiles = [image] + [0.4 * image + 0.6 * torch.stack([m, 0.2 * m, 1 - m]) for m in heat]
     grid = Image.new("RGB", (W * len(tiles), H + 14), "white")
     for i, t in enumerate(tiles):
         arr = (t.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()

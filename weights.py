@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -39,6 +39,12 @@ def load_state(path: str) -> dict[str, torch.Tensor]:
         return load_file(path)
     except SafetensorError as e:
         raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def save_weights(sd: dict, path: str) -> None:
+    """Write tensors as safetensors atomically: a temp file, then a rename (never half a file)."""
+    save_file({k: v.detach().contiguous() for k, v in sd.items()}, path + ".tmp")
+    os.replace(path + ".tmp", path)
 
 
 def load_strict(module: nn.Module, sd: dict, what: str = "state dict") -> None:

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import sample
+import weights
 import train
 from oracle import tiny_blip, tiny_grounded_sam
 
@@ -118,3 +119,20 @@ def test_interrupted_save_leaves_the_last_checkpoint_usable(world, tmp_path, mon
     assert not (tmp_path / "o" / "ckpt-2").exists()  # only a .tmp folder, never a half checkpoint
     run(world, tmp_path / "o", "--steps", "3", "--every", "1", "--resume")
     assert (tmp_path / "o" / "latest").read_text() == "ckpt-3"
+
+
+def test_full_finetune_export_and_jsonl_objects(world, tmp_path):
+    rows = ['{"prompt": "a red cat and a blue dog", "objects": [["red", "cat"], ["dog"]]}',
+            '{"prompt": "a green circle"}']
+    (tmp_path / "p.jsonl").write_text("\n".join(rows) + "\n")
+    args = world["args"] + ["--prompts", str(tmp_path / "p.jsonl"), "--steps", "1"]
+    train.main(args + ["--rank", "0", "--out", str(tmp_path / "full")])
+    full = tmp_path / "full" / "unet.safetensors"
+    sample.main(["a red cat", "--unet", str(full), "--steps", "2", "--out", str(tmp_path / "a.png")])
+    train.main(args + ["--export", "--out", str(tmp_path / "lora")])
+    plain = load_file(tmp_path / "lora" / "unet.safetensors")
+    assert not any("lora" in k for k in plain)  # folded: diffusers' plain UNet keys
+    pipe = sample.load("tiny")
+    weights.merge_lora(pipe.unet, load_file(tmp_path / "lora" / "lora.safetensors"))
+    for k, v in pipe.unet.state_dict().items():
+        torch.testing.assert_close(plain[k], v)
