@@ -56,6 +56,7 @@ class TrainConfig:
     grad_mode: str = "comat"      # comat (K evenly spaced, random offset) | last | single
     detach: bool | None = None    # detach the UNet input at those steps; None = official per model
     attn_steps: int = 2           # attention-loss steps drawn with replacement from the K
+    attn_layers: str = "mid,up"   # blocks whose cross-attention feeds the losses (or add down)
     cfg: float = 7.5              # guidance scale during training, negative prompt ""
     w_cap: float = 1.0            # concept matching
     w_tok: float = 1e-3           # token-level attention loss
@@ -167,8 +168,8 @@ def main(argv=None):
     opt_d = torch.optim.AdamW(d_params, cfg.lr_d, betas=(0.0, 0.999), weight_decay=1e-2, eps=1e-8)
     # official layers: mid and up blocks, never down; kept apart because the pixel loss averages
     # maps per (block, resolution) group: SD1.5 mid_8 up_16 up_32 up_64, SDXL mid_16 up_16 up_32
-    mid_mods, up_mods = comat.loss_modules(unet, ("mid",)), comat.loss_modules(unet, ("up",))
-    loss_mods = mid_mods + up_mods
+    blocks = [comat.loss_modules(unet, (w,)) for w in cfg.attn_layers.split(",")]
+    loss_mods = [m for mods in blocks for m in mods]
     ts, abar = sample.timesteps(cfg.total_steps), sample.alphas_cumprod()
     lat_shape = (pipe.unet.cfg.in_channels, cfg.size // f, cfg.size // f)
     autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
@@ -191,7 +192,7 @@ def main(argv=None):
                 m.store = t in store_at
             e = guided(x, t)
             if t in store_at:  # one list per (step, block kind): the official sums over steps
-                maps.extend([comat.attention_maps(mid_mods), comat.attention_maps(up_mods)])
+                maps.extend(comat.attention_maps(mods) for mods in blocks)
             return e
         z = sample.denoise(eps, x.to(device), ts, abar, cfg.sampler, grads, detach, g)
         for m in loss_mods:
