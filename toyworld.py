@@ -1,0 +1,305 @@
+"""Toy world: 64x64 pictures of one or two flat coloured shapes, small enough to train on a CPU.
+
+Rendering, the prompt grammar ("a red circle above a blue square"), deliberately incomplete
+training captions, an analytic evaluator (connected components -> colour, shape, centre) that
+scores an image against a prompt, and a colour-agnostic shape segmenter with the interface of
+segment.py (seg(images, nouns) -> (masks, found)). Shapes: B batch, K nouns, H, W image size.
+Usage: scene = sample_scene(np.random.default_rng(0), "spatial"); img = render(scene)
+       score(img, prompt(scene))["correct"]  # True
+"""
+import itertools
+import re
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+SIZE = 64
+COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 70, 220),
+           "yellow": (235, 200, 20), "purple": (140, 40, 180), "cyan": (20, 190, 200)}
+SHAPES = ("circle", "square", "triangle")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
+PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)  # (6, 3), in COLOURS order
+MIN_SIDE, MAX_SIDE = 16, 28  # shape size in pixels (width = height)
+GAP = 2          # bounding boxes of two shapes stay this far apart: separate 4-connected components
+# a pixel is foreground when some channel is this far below white: about half way to every
+# palette colour, so a soft edge (a generated image) is cut where a sharp render would be
+INK = 110
+MIN_AREA = 40    # smaller components are specks, ignored (a 16 px triangle has ~120 px)
+CLEAN_DIST, CLEAN_PURE, CLEAN_IOU = 40.0, 0.95, 0.85  # see detect()
+
+
+class Obj(NamedTuple):
+    colour: str
+    shape: str
+    cx: Optional[float] = None  # centre and size in pixels; None in a parsed prompt (a spec)
+    cy: Optional[float] = None
+    size: Optional[float] = None
+
+
+class Scene(NamedTuple):
+    objects: tuple  # one or two Obj
+    relation: Optional[str] = None  # RELATIONS entry: objects[0] <relation> objects[1]
+
+
+def shape_mask(shape, cx, cy, size, h=SIZE, w=SIZE) -> np.ndarray:
+    """(h, w) bool: pixels whose CENTRE lies in the shape, so there is no anti-aliasing."""
+    py, px = np.mgrid[0:h, 0:w] + 0.5
+    dx, dy, r = px - cx, py - cy, size / 2
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    # upright isosceles triangle: apex at the top centre, base = height = size at the bottom
+    t = (dy + r) / size  # 0 at the apex, 1 at the base
+    return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r)
+
+
+def render(scene: Scene) -> np.ndarray:
+    """(64, 64, 3) uint8, white background, exact palette colours."""
+    img = np.full((SIZE, SIZE, 3), 255, dtype=np.uint8)
+    for o in scene.objects:
+        img[shape_mask(o.shape, o.cx, o.cy, o.size)] = COLOURS[o.colour]
+    return img
+
+
+def holds(relation, a, b, margin=0.0) -> bool:
+    """Relation between centres, on its own axis, which must dominate the other axis."""
+    dx, dy = b.cx - a.cx, b.cy - a.cy  # from a to b
+    d, other = {"to the left of": (dx, dy), "to the right of": (-dx, dy),
+                "above": (dy, dx), "below": (-dy, dx)}[relation]
+    return d > abs(other) + margin
+
+
+def place(spec: Scene, rng: np.random.Generator) -> Scene:
+    """Random sizes and positions for a spec's objects: inside the image, bounding boxes at least
+    GAP apart, and a spatial relation held with a 4 px margin so it is unambiguous."""
+    while True:  # rejection sampling; a few tries on average
+        objs, boxes = [], []
+        for o in spec.objects:
+            s = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
+            x0, y0 = (int(v) for v in rng.integers(0, SIZE - s + 1, size=2))  # integer corners
+            objs.append(o._replace(cx=x0 + s / 2, cy=y0 + s / 2, size=float(s)))
+            boxes.append((x0, y0, x0 + s, y0 + s))
+        if len(boxes) == 2:
+            (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = boxes
+            apart = (ax1 + GAP <= bx0 or bx1 + GAP <= ax0 or ay1 + GAP <= by0 or by1 + GAP <= ay0)
+            if not apart or (spec.relation and not holds(spec.relation, *objs, margin=4)):
+                continue
+        return Scene(tuple(objs), spec.relation)
+
+
+def sample_spec(rng: np.random.Generator, kind: str) -> Scene:
+    """Colours, shapes (and relation) for kind "one", "two" or "spatial"; two objects always
+    differ in colour or shape, so a prompt never names the same object twice."""
+    n = 1 if kind == "one" else 2
+    while True:
+        objs = tuple(Obj(str(rng.choice(list(COLOURS))), str(rng.choice(SHAPES))) for _ in range(n))
+        if n == 1 or objs[0] != objs[1]:
+            return Scene(objs, str(rng.choice(RELATIONS)) if kind == "spatial" else None)
+
+
+def sample_scene(rng: np.random.Generator, kind: str) -> Scene:
+    assert kind in ("one", "two", "spatial"), kind
+    return place(sample_spec(rng, kind), rng)
+
+
+def prompt(scene: Scene) -> str:
+    """The complete description; also the captioner's training caption."""
+    return f" {scene.relation or 'and'} ".join(f"a {o.colour} {o.shape}" for o in scene.objects)
+
+
+def caption(scene: Scene, rng, drop_object_p: float, drop_colour_p: float) -> str:
+    """The base model's incomplete training caption, like web alt-text: a two-object scene
+    loses one object (and its relation) with drop_object_p, each colour word is dropped with
+    drop_colour_p, e.g. "a circle and a blue square"."""
+    objs, rel = list(scene.objects), scene.relation
+    if len(objs) == 2 and rng.random() < drop_object_p:
+        objs, rel = [objs[int(rng.integers(2))]], None
+    words = [f"a {o.shape}" if rng.random() < drop_colour_p else f"a {o.colour} {o.shape}"
+             for o in objs]
+    return f" {rel or 'and'} ".join(words)
+
+
+_OBJ = rf"a ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_PROMPT = re.compile(rf"{_OBJ}(?: (and|{'|'.join(RELATIONS)}) {_OBJ})?")
+
+
+def parse_prompt(text: str) -> Scene:
+    """The inverse of prompt(): a Scene whose objects have colour and shape only."""
+    m = _PROMPT.fullmatch(text.strip())
+    if not m:
+        raise ValueError(f"not a toy-world prompt: {text!r}")
+    c1, s1, rel, c2, s2 = m.groups()
+    if rel is None:
+        return Scene((Obj(c1, s1),))
+    return Scene((Obj(c1, s1), Obj(c2, s2)), None if rel == "and" else rel)
+
+
+def label(fg: np.ndarray) -> np.ndarray:
+    """4-connected component labels of a bool (H, W) mask: 0 background, 1..n components.
+    Min-label propagation with pointer jumping (a label is a pixel index + 1, so a pixel can
+    adopt its label's label), in numpy: about a millisecond per 64x64 image."""
+    h, w = fg.shape
+    big = h * w + 1
+    lab = np.where(fg, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        new = lab.copy()
+        np.minimum(new[1:], lab[:-1], out=new[1:])  # from the pixel above, below, left, right
+        np.minimum(new[:-1], lab[1:], out=new[:-1])
+        np.minimum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
+        new[~fg] = big  # background neither takes nor passes labels
+        new[fg] = np.minimum(new[fg], new.ravel()[new[fg] - 1])  # pointer jump
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return np.where(fg, np.unique(lab, return_inverse=True)[1].reshape(h, w) + 1, 0)
+
+
+def fit(comp: np.ndarray) -> tuple[str, float, tuple[float, float, float]]:
+    """Shape of a component mask by geometry: the template (re-rendered from the bounding box)
+    with the best IoU, that IoU and the template's (cx, cy, size). The square template fills
+    the box, so its IoU is the fill ratio (square 1, circle ~pi/4, triangle ~1/2); a wrong
+    aspect ratio lowers every IoU.
+    Clean renders are reproduced exactly (IoU 1) because their corners are integers."""
+    rows, cols = np.nonzero(comp.any(1))[0], np.nonzero(comp.any(0))[0]
+    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+    w, h = c1 - c0 + 1, r1 - r0 + 1
+    cx, cy, s = c0 + w / 2, r0 + h / 2, (w + h) / 2
+    # a triangle's base row is its widest: size = width, base on the last row (the apex row
+    # of an even-sized triangle holds no pixel centre, so the height can be one short)
+    fits = {"circle": (cx, cy, s), "square": (cx, cy, s), "triangle": (cx, r1 + 1 - w / 2, w)}
+    ious = {}
+    for shape, (x, y, size) in fits.items():
+        t = shape_mask(shape, x, y, size, *comp.shape)
+        ious[shape] = (t & comp).sum() / (t | comp).sum()
+    best = max(ious, key=ious.get)
+    return best, float(ious[best]), fits[best]
+
+
+class Found(NamedTuple):
+    colour: str
+    shape: str
+    cx: float      # centre and size of the fitted template (exact on clean renders)
+    cy: float
+    size: float
+    area: int
+    clean: bool    # a palette shape as rendered (see detect)
+
+
+def components(img: np.ndarray) -> list[np.ndarray]:
+    """Bool masks of the foreground components of a (H, W, 3) uint8 image, specks dropped."""
+    lab = label((255 - img.astype(np.int16)).max(-1) > INK)
+    areas = np.bincount(lab.ravel())
+    return [lab == k for k in range(1, len(areas)) if areas[k] >= MIN_AREA]
+
+
+def detect(img: np.ndarray) -> list[Found]:
+    """Shapes in a (64, 64, 3) uint8 image. Colour: the palette entry nearest the component's
+    median colour. Clean: >= 95% of its inner pixels (not on its border, which a soft edge
+    blends with white) within 40 (RGB distance) of that entry, longest side within 2 px of
+    16..28, and the best template IoU >= 0.85."""
+    out = []
+    for comp in components(img):
+        inner = comp.copy()  # erode by one pixel (4-neighbours)
+        inner[1:] &= comp[:-1]
+        inner[:-1] &= comp[1:]
+        inner[:, 1:] &= comp[:, :-1]
+        inner[:, :-1] &= comp[:, 1:]
+        pix = img[inner if inner.any() else comp].astype(np.float64)  # (n, 3)
+        k = int(np.argmin(((PALETTE - np.median(pix, 0)) ** 2).sum(1)))
+        pure = (np.sqrt(((pix - PALETTE[k]) ** 2).sum(1)) <= CLEAN_DIST).mean()
+        shape, iou, (cx, cy, size) = fit(comp)
+        ys, xs = np.nonzero(comp)
+        side = max(np.ptp(xs), np.ptp(ys)) + 1  # longest bounding-box side
+        clean = pure >= CLEAN_PURE and MIN_SIDE - 2 <= side <= MAX_SIDE + 2 and iou >= CLEAN_IOU
+        out.append(Found(list(COLOURS)[k], shape, float(cx), float(cy), float(size),
+                         int(comp.sum()), bool(clean)))
+    return out
+
+
+def score(img: np.ndarray, text: str) -> dict:
+    """Does a (64, 64, 3) uint8 image show a prompt? Each prompt object must be matched to a
+    distinct detected shape of its colour and shape; a spatial relation must hold between the
+    matched centres (its axis dominating); and there must be no extra shape: every component of
+    at least MIN_AREA px counts, because the world holds only what the prompt names.
+    clean: one or two shapes, all clean palette shapes (what the fidelity figure counts)."""
+    spec, found = parse_prompt(text), detect(img)
+    n = len(spec.objects)
+    matches = [p for p in itertools.permutations(range(len(found)), n)
+               if all(found[i][:2] == o[:2] for i, o in zip(p, spec.objects))]
+    relation_ok = None
+    if spec.relation:
+        relation_ok = any(holds(spec.relation, found[a], found[b]) for a, b in matches)
+    extra = len(found) > n
+    return dict(correct=bool(matches) and not extra and relation_ok is not False,
+                objects_ok=bool(matches), relation_ok=relation_ok, extra=extra,
+                clean=1 <= len(found) <= 2 and all(f.clean for f in found))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) float in [0, 1] -> (B, H, W, 3) uint8."""
+    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def to_float(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
+
+
+@torch.no_grad()
+def segment_shapes(images: torch.Tensor, nouns: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """The toy world's segmenter (same interface as segment.py's): masks (B, K, H, W) bool and
+    found (B, K) bool for images (B, 3, H, W) in [0, 1] and a list of shape names per image.
+    Colour-agnostic, so it never helps the colour binding it is used to train: a noun's mask
+    is the union of the components whose geometry is that shape; found is False without any."""
+    B, _, H, W = images.shape
+    assert len(nouns) == B, f"{len(nouns)} noun lists for {B} images"
+    K = max([len(n) for n in nouns] + [1])
+    masks = torch.zeros(B, K, H, W, dtype=torch.bool)
+    for b, img in enumerate(to_uint8(images)):
+        comps = [(fit(c)[0], c) for c in components(img)] if nouns[b] else []
+        for k, noun in enumerate(nouns[b]):
+            for shape, c in comps:
+                if shape == noun:
+                    masks[b, k] |= torch.from_numpy(c)
+    return masks.to(images.device), masks.flatten(2).any(2).to(images.device)
+
+
+def _eval_prompts() -> dict[str, list[str]]:
+    """Fixed evaluation prompts: one-object: all 18 colour x shape; two-object: 24 pairs and
+    spatial: 6 per relation, all with two different colours and two different shapes (so a
+    colour or a shape cannot be right by accident), drawn once with seed 0."""
+    rng, names = np.random.default_rng(0), list(COLOURS)
+    out = {"one": [f"a {c} {s}" for s in SHAPES for c in names], "two": [], "spatial": []}
+    for cat, rel, n in [("two", None, 24)] + [("spatial", r, 6) for r in RELATIONS]:
+        start = len(out[cat])
+        while len(out[cat]) < start + n:
+            (c1, c2), (s1, s2) = rng.permutation(names)[:2], rng.permutation(SHAPES)[:2]
+            p = prompt(Scene((Obj(c1, s1), Obj(c2, s2)), rel))
+            if p not in out[cat]:
+                out[cat].append(p)
+    return out
+
+
+EVAL_PROMPTS = _eval_prompts()
+
+
+def evaluate(generate_fn, seeds) -> dict[str, float]:
+    """Accuracy per category (share of correct images over prompts x seeds), overall (the mean
+    of the three categories, each counting equally) and fidelity (share of clean images).
+    generate_fn(prompts, seed) -> images (B, 3, 64, 64) in [0, 1]."""
+    out, cleans = {}, []
+    for cat, prompts in EVAL_PROMPTS.items():
+        hits = []
+        for seed in seeds:
+            for img, p in zip(to_uint8(generate_fn(prompts, seed)), prompts):
+                r = score(img, p)
+                hits.append(r["correct"])
+                cleans.append(r["clean"])
+        out[cat] = float(np.mean(hits))
+    out["overall"] = float(np.mean([out[c] for c in EVAL_PROMPTS]))
+    out["fidelity"] = float(np.mean(cleans))
+    return out
