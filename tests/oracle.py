@@ -28,23 +28,9 @@ def diffusers_unet(cfg: UNetConfig):
 
 
 def char_tokenizer(folder: str, pad: str = "<|endoftext|>"):
-    """A tiny char-level CLIPTokenizer (no merges, 514 ids) saved to `folder`, no download.
-    SD1.5 / SDXL tokenizer pads with "<|endoftext|>", SDXL tokenizer_2 with "!"."""
-    import json
-    import os
-    from transformers import CLIPTokenizer
-    # GPT-2's byte -> printable-unicode table, the alphabet CLIP's BPE vocab is written in
-    # (printable bytes map to themselves, the rest to 256+n; "!" gets id 0 as in CLIP's vocab)
-    bs = list(range(33, 127)) + list(range(161, 173)) + list(range(174, 256))
-    chars = [chr(c) for c in bs + [256 + n for n in range(256 - len(bs))]]
-    words = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump({w: i for i, w in enumerate(words)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    tok = CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                        pad_token=pad, model_max_length=77)
+    """weights.clip_tokenizer (char-level, 514 ids) saved to `folder` as a tokenizer/ subfolder."""
+    from weights import clip_tokenizer
+    tok = clip_tokenizer(pad=pad)
     tok.save_pretrained(folder)
     return tok
 
