@@ -178,7 +178,7 @@ def read_prompts(path):
 def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=0, negative=None,
              latents=None, progress=True):
     """Prompts -> images (B, 3, size, size) in [0, 1]; the whole loop under no_grad."""
-    f = 2 ** (len(pipe.vae.cfg.channels) - 1)  # VAE downsampling factor (8 for SD)
+    f = pipe.vae.cfg.factor
     dev, dtype = pipe.unet.conv_in.weight.device, pipe.unet.conv_in.weight.dtype
     g = torch.Generator(dev).manual_seed(seed)
     with torch.no_grad():
@@ -228,7 +228,7 @@ def main(argv=None):
             merge_lora(pipe.unet, load_state(a.lora))
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")
-    f = 2 ** (len(pipe.vae.cfg.channels) - 1)
+    f = pipe.vae.cfg.factor
     size = a.size or (64 if a.model.startswith("tiny") else 1024 if pipe.sdxl else 512)
     if size % f or not f * 4 <= size <= 4096:
         sys.exit(f"error: --size must be a multiple of {f} between {4 * f} and 4096, got {size}")

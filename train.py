@@ -117,8 +117,7 @@ def save_checkpoint(out, step, unet, D, opt, opt_d, full):
 
 def main(argv=None):
     cfg, given = parse(argv)
-    # --- distributed setup: torchrun sets RANK / WORLD_SIZE / LOCAL_RANK ---
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
     cuda = torch.cuda.is_available()
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
@@ -132,7 +131,7 @@ def main(argv=None):
     if pipe.sdxl:  # the official SDXL script's values, unless given on the command line
         cfg = replace(cfg, **{k: v for k, v in SDXL_DEFAULTS.items() if k not in given})
     detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
-    f = 2 ** (len(pipe.vae.cfg.channels) - 1)
+    f = pipe.vae.cfg.factor
     if cfg.size % f or cfg.size < 4 * f:
         raise SystemExit(f"error: --size must be a multiple of {f} and at least {4 * f}")
     if not cfg.captioner:
@@ -326,11 +325,10 @@ def main(argv=None):
         # 7. discriminator step on [fake; real], fakes detached
         for p in d_params:
             p.requires_grad_(True)
-        fake = z.detach()
         reals = real[idx] if real is not None else base_latents(batch_prompts, x_T, g)
-        with autocast:
-            logits = disc(torch.cat([fake, reals.to(fake)]))
-            d_l = comat.d_loss(logits[len(fake):], logits[:len(fake)]).mean()
+        with autocast:  # fakes detached: this step trains D only
+            logits = disc(torch.cat([z.detach(), reals.to(z)]))
+            d_l = comat.d_loss(logits[len(z):], logits[:len(z)]).mean()
         opt_d.zero_grad(set_to_none=True)
         d_l.backward()
         average_grads(d_params, world)

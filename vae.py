@@ -23,6 +23,11 @@ class VAEConfig:
     upcast: bool = False      # decode in fp32 even when the model runs fp16 (SDXL VAE overflows)
     in_channels: int = 3
 
+    @property
+    def factor(self) -> int:
+        """Pixels per latent pixel: one stride-2 downsampler per level but the last (SD: 8)."""
+        return 2 ** (len(self.channels) - 1)
+
 
 SD15_VAE = VAEConfig()
 SDXL_VAE = VAEConfig(scale=0.13025, upcast=True)
