@@ -140,13 +140,12 @@ def main(argv=None):
     seg = grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam else None
     if seg is None and rank == 0:
         warnings.warn("no --dino/--sam: attribute concentration is off (token and pixel losses 0)")
-    tok = pipe.tokenizers[0]
-    objs = [objects(tok, p) for p in prompts]
+    clip_tok = pipe.tokenizers[0]  # token positions index its sequence (T = model_max_length)
+    objs = [objects(clip_tok, p) for p in prompts]
     if cfg.prompts.endswith(".jsonl"):  # precomputed objects: {"objects": [[attr..., noun], ...]}
         rows = [json.loads(ln) for ln in open(cfg.prompts, encoding="utf-8") if ln.strip()]
-        objs = [align(tok, r["prompt"], [(tuple(g[:-1]), g[-1]) for g in r["objects"]])
+        objs = [align(clip_tok, r["prompt"], [(tuple(g[:-1]), g[-1]) for g in r["objects"]])
                 if "objects" in r else o for r, o in zip(rows, objs)]
-    tok_len = tok.model_max_length  # T: the maps' key length
     if rank == 0 and not any(objs):
         warnings.warn("no prompt has a parseable object: attention losses will be 0")
 
@@ -158,8 +157,8 @@ def main(argv=None):
     D.head.float()
     if cfg.rank:
         add_lora(unet, cfg.rank)
-    else:
-        unet.requires_grad_(True)
+    else:  # full fine-tuning keeps fp32 master weights; autocast still computes in bf16
+        unet.float().requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     d_params = [p for p in D.parameters() if p.requires_grad]
     unet.gradient_checkpointing = D.unet.gradient_checkpointing = cfg.checkpointing
@@ -177,8 +176,7 @@ def main(argv=None):
         """Frozen text conditioning with the official training negative, the encoding of ""."""
         with torch.no_grad():
             c, u, p, up = sample.conditioning(pipe, batch_prompts, negative="")
-        ids = sample.time_ids(cfg.size, cfg.size, len(batch_prompts)).to(device, dtype) \
-            if pipe.sdxl else None
+        ids = sample.time_ids(cfg.size, cfg.size, len(c)).to(c) if pipe.sdxl else None
         return c, u, p, up, ids
 
     def generate(batch_prompts, x, g, grads=(), store_at=(), maps=None):
@@ -249,11 +247,13 @@ def main(argv=None):
     if cfg.resume and os.path.exists(latest):
         ck = os.path.join(cfg.out, open(latest).read().strip())
         w = load_file(os.path.join(ck, "lora.safetensors" if cfg.rank else "unet.safetensors"))
-        unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()}, strict=False)
+        bad = unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()},
+                                   strict=False).unexpected_keys
+        assert not bad, f"checkpoint {ck} does not fit this model: {bad[:3]}"
         D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
         st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
-        opt.load_state_dict(st["opt"])
-        opt_d.load_state_dict(st["opt_d"])
+        for o, key in ((opt, "opt"), (opt_d, "opt_d")):
+            o.load_state_dict(st[key])
         torch.set_rng_state(st["torch_rng"])
         start = st["step"]
         log_path = os.path.join(cfg.out, "log.jsonl")
@@ -295,7 +295,7 @@ def main(argv=None):
         if seg and any(batch_objs):
             masks, found = seg(img.detach().float().clamp(0, 1),
                                [[o.noun for o in ob] for ob in batch_objs])
-            tokens = comat.object_tokens(batch_objs, T=tok_len).to(device)
+            tokens = comat.object_tokens(batch_objs, T=clip_tok.model_max_length).to(device)
             for group in maps:
                 t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
                                                 cond_half=cfg.cfg > 1)

@@ -136,3 +136,10 @@ def test_full_finetune_export_and_jsonl_objects(world, tmp_path):
     weights.merge_lora(pipe.unet, load_file(tmp_path / "lora" / "lora.safetensors"))
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(plain[k], v)
+
+
+def test_sdxl_like_model_trains(world, tmp_path):
+    lora = run(world, tmp_path / "xl", "--model", "tiny-sdxl", "--steps", "1")
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    cfg, given = train.parse(["--model", "tiny-sdxl", "--lr", "1e-4"])
+    assert cfg.lr == 1e-4 and "lr" in given and "lr_d" not in given  # SDXL defaults fill the rest
