@@ -303,3 +303,22 @@ def evaluate(generate_fn, seeds) -> dict[str, float]:
     out["overall"] = float(np.mean([out[c] for c in EVAL_PROMPTS]))
     out["fidelity"] = float(np.mean(cleans))
     return out
+
+
+def main(argv=None):
+    """`python toyworld.py build [--minutes M] [--out DIR] [--seed S]`: train the toy base model
+    (VAE, text encoder + UNet, captioner) from scratch into a diffusers-layout folder."""
+    import argparse
+
+    import toybuild  # the trainings live there; imported here because it imports this module
+    ap = argparse.ArgumentParser(description="Toy world: build the from-scratch base model.")
+    ap.add_argument("command", choices=["build"])
+    ap.add_argument("--minutes", type=float, default=60.0, help="time budget on 2 CPU cores")
+    ap.add_argument("--out", default="toy")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    print(f"wrote {toybuild.build(a.out, a.seed, a.minutes)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,271 @@
+"""Toy-world base model, built from scratch on a CPU: VAE, CLIP text encoder + UNet, BLIP captioner.
+
+The four trainings behind `python toyworld.py build` (kept out of toyworld.py, which holds the
+world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
+Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/, fp16) that
+weights.load_pipeline and captioner.load_captioner read. Deterministic under a seed: step counts
+come from the budget through fixed per-step costs, never from the clock.
+Shapes: B batch, 64x64 images, 16x16x4 latents, T = 16 text tokens.
+Usage: build("toy", seed=0, budget_minutes=60)
+"""
+import copy
+import dataclasses
+import json
+import math
+import os
+import shutil
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
+                          CLIPTextConfig, CLIPTextModel)
+
+import toyworld as tw
+from captioner import Captioner, caption_logprob
+from sample import alphas_cumprod
+from unet import UNet, UNetConfig
+from vae import VAE, VAEConfig
+from weights import clip_tokenizer, save_weights
+
+# every word of every prompt and caption of the grammar; each is ONE token in both tokenizers
+WORDS = sorted({"a", "and", *tw.COLOURS, *tw.SHAPES, *" ".join(tw.RELATIONS).split()})
+MAX_TOKENS = 16  # longest prompt: 10 words + start + end = 12
+# 64px -> 16x16x4 latents (f = 4: two downsamplings); GroupNorm groups divide every width
+VAE_CFG = VAEConfig(channels=(32, 64, 64), n_res=1, groups=8, latent=4, scale=1.0)
+# cross-attention at every level, so CoMat's losses have down, mid and up maps (16, 8, 4 px)
+UNET_CFG = UNetConfig(channels=(32, 64, 64), depth=(1, 1, 1), heads=(2, 4, 4), mid_depth=1,
+                      n_res=1, groups=8, ctx_dim=64, linear_proj=True)
+TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
+            max_position_embeddings=MAX_TOKENS)
+BLIP_WIDTH, BLIP_LAYERS = 96, 3  # vision and text towers alike; 64px images in 8px patches
+# Incomplete base captions (the alt-text condition the paper blames): half of the two-object
+# images are captioned with one object, each colour word is dropped with p 0.3; 10% of the
+# captions are empty so classifier-free guidance has an unconditional model.
+DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
+KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
+# batch sizes and measured seconds per step on 2 CPU cores (torch 2.13): budget -> step counts
+BATCH = {"vae": 16, "unet": 32, "captioner": 32}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.30, "captioner": 0.07}
+SHARE = {"vae": 0.25, "unet": 0.60, "captioner": 0.10}  # the last 5%: latents, saving
+LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
+HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
+
+
+def train_scene(rng: np.random.Generator) -> tw.Scene:
+    """A training scene: kinds in equal shares; two-object scenes whose complete prompt is an
+    evaluation prompt are never seen (by the base model or the captioner), so the evaluation
+    measures held-out combinations. One-object prompts cannot be held out: all 18 are evaluated."""
+    while True:
+        scene = tw.sample_scene(rng, ("one", "two", "spatial")[int(rng.integers(3))])
+        if tw.prompt(scene) not in HELD_OUT:
+            return scene
+
+
+def images(scenes) -> torch.Tensor:
+    """Rendered scenes as (B, 3, 64, 64) float in [-1, 1] (the VAE's range)."""
+    return tw.to_float(np.stack([tw.render(s) for s in scenes])) * 2 - 1
+
+
+def lr_at(i: int, n: int, base: float) -> float:
+    """Linear warm-up over the first 5% (at most 200 steps), then cosine down to 10%."""
+    warm = max(1, min(200, n // 20))
+    if i < warm:
+        return base * (i + 1) / warm
+    return base * (0.1 + 0.45 * (1 + math.cos(math.pi * (i - warm) / max(1, n - warm))))
+
+
+def optimise(params, steps: int, lr: float, loss_fn, desc: str) -> None:
+    """The shared loop: AdamW, the schedule above, gradient norm clipped at 1."""
+    params = list(params)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc=desc, leave=False)
+    for i in bar:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, steps, lr)
+        loss = loss_fn(i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+
+
+def train_vae(steps: int, seed: int) -> VAE:
+    """MSE of the reconstruction from a SAMPLED latent (so the decoder tolerates the UNet's
+    imprecise latents) + KL_WEIGHT * KL to N(0, 1), on freshly rendered scenes."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 0])
+    vae = VAE(VAE_CFG)
+
+    def loss(i):
+        x = images([train_scene(rng) for _ in range(BATCH["vae"])])
+        mean, logvar = vae.encode(x)
+        z = mean + torch.randn_like(mean) * (logvar / 2).exp()
+        kl = 0.5 * (mean**2 + logvar.exp() - 1 - logvar).mean()
+        return F.mse_loss(vae.decode(z), x) + KL_WEIGHT * kl
+    optimise(vae.parameters(), steps, 1e-3, loss, "vae")
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def encode_pool(vae: VAE, n: int, seed: int) -> tuple[list, torch.Tensor, float]:
+    """n training scenes and their latent MEANS (the posterior sample's noise would only blur the
+    UNet's target), scaled by 1/std of all latent values as SD's scaling_factor does."""
+    rng = np.random.default_rng([seed, 1])
+    scenes = [train_scene(rng) for _ in range(n)]
+    z = torch.cat([vae.encode(images(scenes[i:i + 256]))[0] for i in range(0, n, 256)])
+    scale = float(1 / z.std())
+    return scenes, z * scale, scale  # (n, 4, 16, 16)
+
+
+def word_tokenizer():
+    """The CLIP tokenizer with each grammar word ONE token. Longest words first: BPE applies the
+    lowest-ranked merge present, and a short word's merges ("r i" of "right") listed before a
+    longer word's chain ("t r", "tr i" of "triangle") would split the longer word."""
+    tok = clip_tokenizer(words=sorted(WORDS, key=lambda w: (-len(w), w)), max_len=MAX_TOKENS)
+    assert all(len(tok.tokenize(w)) == 1 for w in WORDS), "a grammar word spans several tokens"
+    return tok
+
+
+def text_encoder(tok) -> CLIPTextModel:
+    return CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                                       eos_token_id=tok.eos_token_id,
+                                       pad_token_id=tok.pad_token_id, **TEXT))
+
+
+def train_unet(scenes, latents, steps: int, seed: int) -> tuple[UNet, object, CLIPTextModel]:
+    """eps-prediction with SD's noise schedule, text encoder trained jointly, on (latent,
+    INCOMPLETE caption) pairs; EMPTY_P empty captions for classifier-free guidance."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 2])
+    tok = word_tokenizer()
+    unet, enc = UNet(UNET_CFG), text_encoder(tok)
+    abar = alphas_cumprod()
+
+    def loss(i):
+        idx = rng.integers(len(scenes), size=BATCH["unet"])
+        caps = ["" if rng.random() < EMPTY_P else
+                tw.caption(scenes[j], rng, DROP_OBJECT_P, DROP_COLOUR_P) for j in idx]
+        ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
+        z0 = latents[torch.from_numpy(idx)]
+        t = torch.randint(0, len(abar), (len(idx),))
+        eps = torch.randn_like(z0)
+        a = abar[t][:, None, None, None]
+        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion q(z_t | z_0)
+        return F.mse_loss(unet(zt, t, enc(ids.input_ids)[0]), eps)
+    optimise([*unet.parameters(), *enc.parameters()], steps, 5e-4, loss, "unet + text")
+    return unet.eval(), tok, enc.eval()
+
+
+def blip_tokenizer(folder: str) -> BertTokenizer:
+    """A BERT word tokenizer for the captioner: BLIP's specials, its prefix and the grammar."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+             *sorted(set(WORDS) | {"photography", "of"})]
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    return BertTokenizer(os.path.join(folder, "vocab.txt"))
+
+
+def blip(tok) -> BlipForConditionalGeneration:
+    """The tiny captioner: BLIP's architecture at width BLIP_WIDTH, 64px images, 8px patches."""
+    w, n = BLIP_WIDTH, BLIP_LAYERS
+    return BlipForConditionalGeneration(BlipConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w,
+                         num_hidden_layers=n, num_attention_heads=2, max_position_embeddings=32,
+                         encoder_hidden_size=w, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id),
+        vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n,
+                           num_attention_heads=2, image_size=tw.SIZE, patch_size=8),
+        projection_dim=w))
+
+
+def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
+    """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the
+    COMPLETE prompt of freshly rendered scenes."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng([seed, 3])
+    model = blip(tok)
+    cap = Captioner(model, tok)
+
+    def loss(i):
+        scenes = [train_scene(rng) for _ in range(BATCH["captioner"])]
+        x = images(scenes) / 2 + 0.5  # caption_logprob takes [0, 1]
+        return -caption_logprob(cap, x, [tw.prompt(s) for s in scenes]).mean()
+    optimise(model.parameters(), steps, 5e-4, loss, "captioner")
+    return model.eval()
+
+
+def unet_json(cfg: UNetConfig, sample_size: int) -> dict:
+    """diffusers UNet2DConditionModel config.json fields (the inverse of
+    weights.unet_config_from_diffusers for SD1.5-style UNets)."""
+    return {"_class_name": "UNet2DConditionModel", "sample_size": sample_size,
+            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "down_block_types": ["CrossAttnDownBlock2D" if d else "DownBlock2D"
+                                 for d in cfg.depth],
+            "up_block_types": ["CrossAttnUpBlock2D" if d else "UpBlock2D"
+                               for d in cfg.depth[::-1]],
+            "block_out_channels": list(cfg.channels), "layers_per_block": cfg.n_res,
+            # diffusers' mid block takes the last level's depth
+            "transformer_layers_per_block": [d or 1 for d in cfg.depth[:-1]] + [cfg.mid_depth],
+            "attention_head_dim": list(cfg.heads),  # diffusers' name for the head COUNT
+            "norm_num_groups": cfg.groups, "cross_attention_dim": cfg.ctx_dim,
+            "use_linear_projection": cfg.linear_proj}
+
+
+def vae_json(cfg: VAEConfig, sample_size: int) -> dict:
+    """diffusers AutoencoderKL config.json fields (read by weights.vae_config_from_diffusers)."""
+    n = len(cfg.channels)
+    return {"_class_name": "AutoencoderKL", "sample_size": sample_size,
+            "in_channels": cfg.in_channels, "out_channels": cfg.in_channels,
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n, "block_out_channels": list(cfg.channels),
+            "layers_per_block": cfg.n_res, "latent_channels": cfg.latent,
+            "norm_num_groups": cfg.groups, "scaling_factor": cfg.scale,
+            "force_upcast": cfg.upcast}
+
+
+def save_part(folder: str, config: dict, module: torch.nn.Module) -> None:
+    """config.json + diffusion_pytorch_model.fp16.safetensors (the loader's fp16 variant)."""
+    os.makedirs(folder)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+    sd = {k: v.half() for k, v in module.state_dict().items()}
+    save_weights(sd, os.path.join(folder, "diffusion_pytorch_model.fp16.safetensors"))
+
+
+def plan(budget_minutes: float) -> dict[str, int]:
+    """Step counts for a budget: each training's share of the time over its per-step cost."""
+    return {k: max(1, int(SHARE[k] * budget_minutes * 60 / SEC_PER_STEP[k])) for k in SHARE}
+
+
+def build(out: str = "toy", seed: int = 0, budget_minutes: float = 60.0,
+          steps: dict | None = None, pool: int = LATENT_POOL) -> str:
+    """Train all four models and write the folder `out` atomically (built in a temp folder, then
+    renamed over any previous one). `steps` overrides plan(budget_minutes) per model."""
+    steps = {**plan(budget_minutes), **(steps or {})}
+    print(f"toy build: steps {steps} (seed {seed})")
+    tmp = f"{out}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    vae = train_vae(steps["vae"], seed)
+    scenes, latents, scale = encode_pool(vae, min(pool, 4 * steps["unet"] * BATCH["unet"]), seed)
+    vae.cfg = dataclasses.replace(vae.cfg, scale=scale)  # read by sample.decode
+    unet, tok, enc = train_unet(scenes, latents, steps["unet"], seed)
+    save_part(os.path.join(tmp, "unet"), unet_json(UNET_CFG, 16), unet)
+    save_part(os.path.join(tmp, "vae"), vae_json(vae.cfg, tw.SIZE), vae)
+    copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
+    tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+    cap_dir = os.path.join(tmp, "captioner")
+    os.makedirs(cap_dir)
+    btok = blip_tokenizer(cap_dir)
+    model = train_captioner(btok, steps["captioner"], seed)
+    model.half().save_pretrained(cap_dir)
+    btok.save_pretrained(cap_dir)
+    old = f"{out}.old{os.getpid()}"
+    if os.path.exists(out):
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
