@@ -45,10 +45,11 @@ BLIP_WIDTH, BLIP_LAYERS = 96, 3  # vision and text towers alike; 64px images in 
 # captions are empty so classifier-free guidance has an unconditional model.
 DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
-# batch sizes and measured seconds per step on 2 CPU cores (torch 2.13): budget -> step counts
+# batch sizes and seconds per step on 2 CPU cores (torch 2.13; measured VAE 0.67, UNet 0.32,
+# captioner 0.08; VAE rounded up): budget -> step counts. 60 min: 1200 / 6750 / 2250 steps, ~54 min
 BATCH = {"vae": 16, "unet": 32, "captioner": 32}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.30, "captioner": 0.07}
-SHARE = {"vae": 0.25, "unet": 0.60, "captioner": 0.10}  # the last 5%: latents, saving
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.32, "captioner": 0.08}
+SHARE = {"vae": 0.30, "unet": 0.60, "captioner": 0.05}  # the last 5%: latents, saving
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 
