@@ -1,7 +1,7 @@
 """Concept matching's frozen captioner: BLIP's log-likelihood of the prompt given a generated image.
 
 Source: CoMat official concept_mat_utils/caption_blip.py (spec comat-official.md section 2), on
-transformers' BlipForConditionalGeneration (official checkpoint Salesforce/blip-image-captioning-large).
+transformers' BlipForConditionalGeneration (official: Salesforce/blip-image-captioning-large).
 Preprocessing is done in torch, not with the HF image processor (PIL/numpy would cut the graph),
 so the gradient of the likelihood reaches the pixels, the VAE decoder and the UNet.
 Shapes: B batch, H, W image size, L text tokens, V vocabulary.
@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoTokenizer, BlipForConditionalGeneration
+from transformers import AutoTokenizer, BlipForConditionalGeneration, PreTrainedTokenizerBase
 
 # BLIP was trained with CLIP's normalisation constants (official code uses the same numbers).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -20,7 +20,7 @@ STD = (0.26862954, 0.26130258, 0.27577711)
 
 class Captioner(NamedTuple):
     model: BlipForConditionalGeneration
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
 
 
 def load_captioner(path, device="cpu", dtype=torch.float32) -> Captioner:
@@ -30,22 +30,24 @@ def load_captioner(path, device="cpu", dtype=torch.float32) -> Captioner:
     return Captioner(model.to(device, dtype).requires_grad_(False).eval(), tok)
 
 
-def random_crop(side, rng):
-    """The official crop jitter: off = side // 224 pixels, a square of side - off at a random
-    offset in [0, off] on each axis (512 px: a 510 px crop). Returns (top, left, size)."""
-    off = side // 224
-    return rng.randint(0, off), rng.randint(0, off), side - off
+def random_crop(h, rng):
+    """The official crop jitter: off = h // 224 pixels, a square of side h - off at a random
+    offset in [0, off] on each axis (512 px: a 510 px crop). Returns (top, left, side)."""
+    off = h // 224
+    return rng.randint(0, off), rng.randint(0, off), h - off
 
 
-def preprocess(images, size, crop=None):
+def preprocess(images, size=384, crop=None):
     """Images (B, 3, H, W) in about [0, 1] -> BLIP pixel values (B, 3, size, size), differentiable.
 
     Not clamped, as in the official code: the captioner's gradient also acts on out-of-range values.
+    The resize is torchvision's Resize(bicubic, antialias=True) on tensors, i.e. this interpolate.
     """
     if crop is not None:
         top, left, side = crop
         images = images[:, :, top:top + side, left:left + side]
-    x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
+                      align_corners=False)
     mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype)[:, None, None]
     std = torch.tensor(STD, device=x.device, dtype=x.dtype)[:, None, None]
     return (x - mean) / std
@@ -61,6 +63,7 @@ def caption_logprob(cap, images, prompts, prefix="a photography of", smoothing=0
     which transformers 4.31 hard-coded. The official reduction is one token mean over the whole
     batch; here it is per sample, so losses stay per-sample functions (equal for equal lengths).
     """
+    assert images.ndim == 4 and images.shape[0] == len(prompts), "images (B, 3, H, W), B prompts"
     model, tok = cap
     texts = [f"{prefix} {p.lower()}" for p in prompts]
     limit = model.config.text_config.max_position_embeddings  # over-long prompts are cut here
@@ -68,14 +71,16 @@ def caption_logprob(cap, images, prompts, prefix="a photography of", smoothing=0
     enc = enc.to(images.device)
     n_prefix = len(tok(prefix).input_ids) - 1  # [CLS] + prefix words, without the final [SEP]
     size = model.config.vision_config.image_size
+    # images may come from an fp32 VAE while BLIP runs in half precision (official: fp16)
     pixels = preprocess(images, size, crop).to(model.dtype)
     img = model.vision_model(pixel_values=pixels).last_hidden_state  # (B, patches + 1, D)
+    # return_logits gives the logits shifted by one, as the HF loss uses them: (B, L-1, V)
     logits = model.text_decoder(input_ids=enc.input_ids, attention_mask=enc.attention_mask,
-                                encoder_hidden_states=img, return_logits=True)  # (B, L-1, V)
+                                encoder_hidden_states=img, return_logits=True)
     # log-softmax over 30k words in at least fp32: bf16 would round every log-probability
     logp = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
     target = enc.input_ids[:, 1:]  # next-token targets, (B, L-1)
-    scored = enc.attention_mask[:, 1:].bool()
+    scored = enc.attention_mask[:, 1:].bool()  # padding is never a target (official: PAD -> -100)
     scored[:, : n_prefix - 1] = False  # targets inside the prefix are given, not predicted
     token = logp.gather(-1, target[..., None])[..., 0]  # (B, L-1)
     if smoothing:
