@@ -102,7 +102,8 @@ def tiny_grounded_sam(folder: str, words=("cat", "dog", "red", "circle", "square
     GroundingDinoForObjectDetection(cfg).save_pretrained(gd)
     size = {"shortest_edge": 64, "longest_edge": 64}
     GroundingDinoProcessor(image_processor=GroundingDinoImageProcessorPil(size=size),
-                           tokenizer=BertTokenizer(os.path.join(gd, "vocab.txt"))).save_pretrained(gd)
+                           tokenizer=BertTokenizer(os.path.join(gd, "vocab.txt"))
+                           ).save_pretrained(gd)
     scfg = SamConfig(
         vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                            image_size=64, patch_size=16, output_channels=16, window_size=2,

@@ -128,7 +128,8 @@ def test_full_finetune_export_and_jsonl_objects(world, tmp_path):
     args = world["args"] + ["--prompts", str(tmp_path / "p.jsonl"), "--steps", "1"]
     train.main(args + ["--rank", "0", "--out", str(tmp_path / "full")])
     full = tmp_path / "full" / "unet.safetensors"
-    sample.main(["a red cat", "--unet", str(full), "--steps", "2", "--out", str(tmp_path / "a.png")])
+    sample.main(["a red cat", "--unet", str(full), "--steps", "2",
+                 "--out", str(tmp_path / "a.png")])
     train.main(args + ["--export", "--out", str(tmp_path / "lora")])
     plain = load_file(tmp_path / "lora" / "unet.safetensors")
     assert not any("lora" in k for k in plain)  # folded: diffusers' plain UNet keys
