@@ -2,8 +2,8 @@
 
 The step is train.py's expensive part: sample with gradient on K of T steps (CFG batch, LoRA),
 decode with gradient through the VAE, backward. A stand-in scalar loss on the image replaces the
-captioner (whose cost does not depend on T or K). Each case runs in a fresh subprocess; memory is the rise of
-the peak over the setup's peak (max RSS on CPU; max allocated on CUDA).
+captioner (whose cost does not depend on T or K). Each case runs in a fresh subprocess; memory is
+the rise of the peak over the setup's peak (max RSS on CPU; max allocated on CUDA).
 Usage: python bench/bench_train.py [--config tiny|sd15|sdxl] [--latent 16] [--device cpu]
 """
 import argparse
