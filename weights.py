@@ -277,14 +277,16 @@ def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
     chars = [chr(c) for c in cs]  # CLIP's vocabulary order: "!" is id 0
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     merges = []
-    for w in words:
-        for j in range(2, len(w) + 1):  # "red": "r e" -> "re", "re d</w>" -> "red</w>"
-            a, b = w[: j - 1], w[j - 1] + ("</w>" if j == len(w) else "")
-            if (a, b) not in merges:
+    while True:  # BPE applies merges by rank across words, so merges are added until each is whole
+        full = {**vocab, "<|startoftext|>": len(vocab), "<|endoftext|>": len(vocab) + 1}
+        tok = CLIPTokenizer(vocab=full, merges=merges, pad_token=pad, model_max_length=max_len)
+        split = [pieces for pieces in map(tok.tokenize, words) if len(pieces) > 1]
+        if not split:
+            return tok
+        for a, b, *_ in split:  # join a word's first two pieces; a merge of lowest rank only ever
+            if (a, b) not in merges:  # joins, so whole words stay whole and the loop ends
                 merges.append((a, b))
-                vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"], vocab["<|endoftext|>"] = len(vocab), len(vocab) + 1
-    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=max_len)
+                vocab[a + b] = len(vocab)
 
 
 def tiny_pipeline(sdxl=False, seed=0):

@@ -228,3 +228,12 @@ def test_one_line_errors(tmp_path):
         diffusers_unet(TINY_SD15).save_config(tmp_path / "folder/unet")
     with pytest.raises(FileNotFoundError, match="no diffusion_pytorch_model"):
         weights.load_pipeline(str(tmp_path / "folder"))
+
+
+def test_clip_tokenizer_makes_every_word_one_token():
+    # sorted order once split "triangle": "right"'s merges ("r i") outrank "triangle"'s ("t r")
+    words = sorted("a and right left triangle circle square red purple cyan the to of".split())
+    tok = weights.clip_tokenizer(words=words, max_len=16)
+    assert all(tok.tokenize(w) == [w + "</w>"] for w in words)
+    ids = tok("a red triangle to the right").input_ids
+    assert len(ids) == 8 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
