@@ -14,6 +14,27 @@ import torch.nn.functional as F
 
 from unet import Attention, UNet, cross_attentions
 
+# --- gradient truncation: which sampling steps build a graph (comat-official.md 1.4) ---
+
+
+def pick_grad_steps(mode, n, k, rng):
+    """Indices (0 = noisiest) of the sampling steps whose UNet call builds a graph (truncation).
+
+    comat:  K evenly spaced, random offset (official n=50, K=5: {s, s+10, .., s+40}, s in 0..9)
+    last:   the last K steps (DRaFT-K)
+    single: one step drawn uniformly (AlignProp / ReFL style random cut)
+    """
+    if mode == "comat":
+        interval = n // k
+        start = rng.randint(0, n - interval * (k - 1) - 1)
+        return tuple(start + j * interval for j in range(k))
+    if mode == "last":
+        return tuple(range(n - k, n))
+    if mode == "single":
+        return (rng.randrange(n),)
+    raise ValueError(f"unknown gradient mode {mode!r} (comat, last, single)")
+
+
 # --- collecting the cross-attention maps (style.md P8: explicit state, no hooks) ---
 
 

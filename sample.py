@@ -9,7 +9,6 @@ Usage: python sample.py "a red cat" --model path/to/sdxl --steps 30 --seed 0
 import argparse
 import json
 import os
-import random
 import sys
 import warnings
 
@@ -49,24 +48,6 @@ def step(x, eps, t, t_prev, abar, sampler, noise=None):
     mean = (a_p**0.5 * beta) / (1 - a_t) * x0 + alpha**0.5 * (1 - a_p) / (1 - a_t) * x
     var = torch.clamp((1 - a_p) / (1 - a_t) * beta, min=1e-20)
     return mean + var**0.5 * noise
-
-
-def pick_grad_steps(mode, n, k, rng):
-    """Indices (0 = noisiest) of the denoising steps whose UNet call builds a graph.
-
-    comat:  K evenly spaced, random offset (official n=50, K=5: {s, s+10, .., s+40}, s in 0..9)
-    last:   the last K steps (DRaFT-K)
-    single: one step drawn uniformly (AlignProp / ReFL style random cut)
-    """
-    if mode == "comat":
-        interval = n // k
-        start = rng.randint(0, n - interval * (k - 1) - 1)
-        return tuple(start + j * interval for j in range(k))
-    if mode == "last":
-        return tuple(range(n - k, n))
-    if mode == "single":
-        return (rng.randrange(n),)
-    raise ValueError(f"unknown gradient mode {mode!r} (comat, last, single)")
 
 
 def denoise(eps_fn, x, ts, abar, sampler="ddim", grad_steps=(), detach=True, generator=None,

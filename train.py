@@ -10,13 +10,10 @@ Usage: python train.py --prompts prompts.txt --model sd15 --captioner blip --din
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import shutil
-import sys
 import time
-import types
 import warnings
 from dataclasses import dataclass, fields, replace
 
@@ -268,7 +265,7 @@ def main(argv=None):
         idx = batch_of(step)
         batch_prompts, batch_objs = [prompts[i] for i in idx], [objs[i] for i in idx]
         rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
-        grads = sample.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
+        grads = comat.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
         store_at = {ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if seg else set()
         # x_T is drawn for the global batch and sliced, so N processes draw what one process
         # with the combined batch draws; DDPM's per-step noise comes from a per-rank generator.

@@ -18,6 +18,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import comat  # noqa: E402
 import sample  # noqa: E402
 import unet as U  # noqa: E402
 import vae as V  # noqa: E402
@@ -49,7 +50,7 @@ def child(name, T, K, ckpt, latent, device, rank):
         extra = (pooled, torch.zeros_like(pooled), ids)
     eps = sample.cfg_fn(unet, ctx, torch.zeros_like(ctx), 7.5, *extra)
     pipe = type("P", (), {"vae": vae})  # decode() only reads pipe.vae
-    grads = sample.pick_grad_steps("comat", T, K, random.Random(0))
+    grads = comat.pick_grad_steps("comat", T, K, random.Random(0))
     x = torch.randn(B, ucfg.in_channels, latent, latent, device=device, dtype=dtype)
     abar, ts = sample.alphas_cumprod(), sample.timesteps(T)
     base = peak(device)

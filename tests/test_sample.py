@@ -8,6 +8,7 @@ from diffusers import (DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
                        StableDiffusionXLPipeline)
 from safetensors.torch import save_file
 
+import comat
 import sample
 import weights
 from oracle import diffusers_unet, diffusers_vae
@@ -128,7 +129,7 @@ def _grads(grad_steps, detach, n=6):
 @pytest.mark.parametrize("mode", ["comat", "last", "single"])
 @pytest.mark.parametrize("detach", [True, False])
 def test_only_chosen_steps_get_gradients(mode, detach):
-    steps = sample.pick_grad_steps(mode, 6, 2, random.Random(0))
+    steps = comat.pick_grad_steps(mode, 6, 2, random.Random(0))
     g, _, calls = _grads(steps, detach)
     assert calls == [i in steps for i in range(6)]  # no graph outside the chosen steps
     assert [i for i in range(6) if g[i] != 0] == sorted(steps)
@@ -151,11 +152,11 @@ def test_detach_controls_the_input_jacobian_path():
 def test_comat_grad_steps_are_evenly_spaced():
     rng, starts = random.Random(0), set()
     for _ in range(300):
-        st = sample.pick_grad_steps("comat", 50, 5, rng)
+        st = comat.pick_grad_steps("comat", 50, 5, rng)
         assert [b - a for a, b in zip(st, st[1:])] == [10] * 4
         starts.add(st[0])
     assert starts == set(range(10))
-    assert sample.pick_grad_steps("last", 50, 5, rng) == (45, 46, 47, 48, 49)
+    assert comat.pick_grad_steps("last", 50, 5, rng) == (45, 46, 47, 48, 49)
 
 
 def test_merge_lora(tmp_path):
