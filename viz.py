@@ -19,6 +19,7 @@ def save_png(img, path):
     fd, tmp = tempfile.mkstemp(suffix=".png", dir=folder)
     os.close(fd)
     img.save(tmp)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a picture is for people to open
     os.replace(tmp, path)
 
 
