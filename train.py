@@ -207,9 +207,12 @@ def main(argv=None):
             m.scale = s
         return z
 
+    null = cond([""])  # D's conditioning, the empty prompt: encoded once, expanded per call
+
     def disc(z):
         """D on clean latents at the last sampling timestep, conditioned on the empty prompt."""
-        _, u, _, up, ids = cond([""] * len(z))
+        u, up, ids = (v if v is None else v.expand(len(z), *v.shape[1:])
+                      for v in (null[1], null[3], null[4]))
         return D(z, ts[-1], u, up, ids)
 
     def batch_of(step):
