@@ -175,11 +175,31 @@ def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=
         return decode(pipe, z).clamp(0, 1).float()
 
 
+def load_or_exit(model, unet=None, lora=None, device="cpu", dtype=torch.float32, text_from=None):
+    """weights.load, fine-tuned UNet weights or a LoRA merged in; bad files exit in one line."""
+    try:
+        pipe = load(model, device, dtype, text_from)
+        if unet:
+            sd = {k: v.to(device, dtype) for k, v in load_state(unet).items()}
+            load_strict(pipe.unet, sd, f"UNet weights {unet}")
+        if lora:
+            merge_lora(pipe.unet, load_state(lora))
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    return pipe
+
+
+def default_size(model, pipe):
+    """The size a model was trained at: 64 px for the toy and tiny presets, else SD's."""
+    return 64 if model in ("toy", "tiny", "tiny-sdxl") else 1024 if pipe.sdxl else 512
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL or a fine-tune.")
     ap.add_argument("prompt", nargs="*", help="one or more prompts")
     ap.add_argument("--prompts", help="text file, one prompt per line")
-    ap.add_argument("--model", default="tiny", help="tiny | tiny-sdxl | diffusers folder | file")
+    ap.add_argument("--model", default="toy",
+                    help="toy (the shipped toy-world model) | tiny | tiny-sdxl | folder | file")
     ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) to merge")
@@ -200,17 +220,9 @@ def main(argv=None):
     if a.steps < 1 or a.steps > 1000 or a.n < 1:
         sys.exit("error: --steps must be in 1..1000 and --n >= 1")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
-    try:
-        pipe = load(a.model, a.device, dtype, a.text_from)
-        if a.unet:
-            sd = {k: v.to(a.device, dtype) for k, v in load_state(a.unet).items()}
-            load_strict(pipe.unet, sd, f"UNet weights {a.unet}")
-        if a.lora:
-            merge_lora(pipe.unet, load_state(a.lora))
-    except (FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
     f = pipe.vae.cfg.factor
-    size = a.size or (64 if a.model.startswith("tiny") else 1024 if pipe.sdxl else 512)
+    size = a.size or default_size(a.model, pipe)
     if size % f or not f * 4 <= size <= 4096:
         sys.exit(f"error: --size must be a multiple of {f} between {4 * f} and 4096, got {size}")
     if a.model.startswith("tiny"):

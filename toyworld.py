@@ -8,11 +8,13 @@ Usage: scene = sample_scene(np.random.default_rng(0), "spatial"); img = render(s
        score(img, prompt(scene))["correct"]  # True
 """
 import itertools
+import os
 import re
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 70, 220),
@@ -235,7 +237,7 @@ def score(img: np.ndarray, text: str) -> dict:
     extra = len(found) > n
     return dict(correct=bool(matches) and not extra and relation_ok is not False,
                 objects_ok=bool(matches), relation_ok=relation_ok, extra=extra,
-                clean=1 <= len(found) <= 2 and all(f.clean for f in found))
+                clean=1 <= len(found) <= 2 and all(f.clean for f in found), n=len(found))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -289,35 +291,71 @@ EVAL_PROMPTS = _eval_prompts()
 
 def evaluate(generate_fn, seeds) -> dict[str, float]:
     """Accuracy per category (share of correct images over prompts x seeds), overall (the mean
-    of the three categories, each counting equally) and fidelity (share of clean images).
+    of the three categories, each counting equally), fidelity (share of clean images) and
+    missing (share of two-object and spatial images with fewer than two shapes).
     generate_fn(prompts, seed) -> images (B, 3, 64, 64) in [0, 1]."""
-    out, cleans = {}, []
+    out, cleans, missing = {}, [], []
+    bar = tqdm(total=len(EVAL_PROMPTS) * len(seeds), desc="eval", leave=False)
     for cat, prompts in EVAL_PROMPTS.items():
         hits = []
         for seed in seeds:
+            bar.update()
             for img, p in zip(to_uint8(generate_fn(prompts, seed)), prompts):
                 r = score(img, p)
                 hits.append(r["correct"])
                 cleans.append(r["clean"])
+                if cat != "one":
+                    missing.append(r["n"] < 2)
         out[cat] = float(np.mean(hits))
     out["overall"] = float(np.mean([out[c] for c in EVAL_PROMPTS]))
     out["fidelity"] = float(np.mean(cleans))
+    out["missing"] = float(np.mean(missing))
     return out
 
 
 def main(argv=None):
     """`python toyworld.py build [--minutes M] [--out DIR] [--seed S]`: train the toy base model
-    (VAE, text encoder + UNet, captioner) from scratch into a diffusers-layout folder."""
+    (VAE, text encoder + UNet, captioner) from scratch into a diffusers-layout folder.
+    `python toyworld.py eval [--model M] [--lora F | --unet F] [--seeds N] [--out F.json]`:
+    score any model sample.py loads on EVAL_PROMPTS; --out also gets a PNG of seed 0."""
     import argparse
+    import json
 
-    import toybuild  # the trainings live there; imported here because it imports this module
-    ap = argparse.ArgumentParser(description="Toy world: build the from-scratch base model.")
-    ap.add_argument("command", choices=["build"])
-    ap.add_argument("--minutes", type=float, default=60.0, help="time budget on 2 CPU cores")
-    ap.add_argument("--out", default="toy")
-    ap.add_argument("--seed", type=int, default=0)
+    ap = argparse.ArgumentParser(description="Toy world: build the base model, or evaluate one.")
+    ap.add_argument("command", choices=["build", "eval"])
+    ap.add_argument("--minutes", type=float, default=60.0, help="build: budget on 2 CPU cores")
+    ap.add_argument("--out", help="build: folder (default toy); eval: JSON file for the scores")
+    ap.add_argument("--seed", type=int, default=0, help="build: training seed")
+    ap.add_argument("--model", default="toy", help="eval: any model sample.py loads")
+    ap.add_argument("--lora", help="eval: LoRA weights to merge")
+    ap.add_argument("--unet", help="eval: fine-tuned UNet weights")
+    ap.add_argument("--seeds", type=int, default=4, help="eval: seeds 0..N-1 per prompt")
+    ap.add_argument("--steps", type=int, default=30, help="eval: DDIM steps")
+    ap.add_argument("--cfg", type=float, default=7.5, help="eval: guidance scale")
     a = ap.parse_args(argv)
-    print(f"wrote {toybuild.build(a.out, a.seed, a.minutes)}")
+    if a.command == "build":
+        import toybuild  # the trainings live there; imported here because it imports this module
+        print(f"wrote {toybuild.build(a.out or 'toy', a.seed, a.minutes)}")
+        return
+    import sample  # imports torch models; the world itself does not need them
+    import viz
+    pipe = sample.load_or_exit(a.model, a.unet, a.lora)
+    first = []
+
+    def generate(prompts, seed):
+        images = sample.generate(pipe, prompts, a.steps, a.cfg, SIZE, "ddim", seed, progress=False)
+        if seed == 0:
+            first.append(images)
+        return images
+    scores = evaluate(generate, range(a.seeds))
+    print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
+    if a.out:
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        with open(a.out + ".tmp", "w") as f:
+            json.dump({"model": a.model, "lora": a.lora, "unet": a.unet, "seeds": a.seeds,
+                       "steps": a.steps, "cfg": a.cfg, **scores}, f, indent=1)
+        os.replace(a.out + ".tmp", a.out)
+        viz.save_images(torch.cat(first), os.path.splitext(a.out)[0] + ".png", cols=6)
 
 
 if __name__ == "__main__":

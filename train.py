@@ -24,17 +24,18 @@ from tqdm import tqdm
 
 import comat
 import sample
+import toyworld
 import viz
 from captioner import caption_logprob, load_captioner, random_crop
 from segment import align, grounded_sam, load_segmenter, objects
 from unet import LoRALinear, add_lora, fold_lora, lora_state_dict
-from weights import load, save_weights
+from weights import TOY, load, save_weights
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     prompts: str = "prompts.txt"  # one prompt a line, or .jsonl lines {"prompt": ...}
-    model: str = "tiny"           # tiny | tiny-sdxl | diffusers folder | original .safetensors
+    model: str = "toy"            # toy | tiny | tiny-sdxl | diffusers folder | original file
     captioner: str = ""           # BLIP folder (official: Salesforce/blip-image-captioning-large)
     dino: str = ""                # Grounding-DINO folder; empty = no attribute concentration
     sam: str = ""                 # SAM folder (box prompts; official used FastSAM)
@@ -71,6 +72,10 @@ class TrainConfig:
 
 
 SDXL_DEFAULTS = dict(lr=2e-5, lr_d=5e-5, w_adv=0.5, batch=6)  # scripts/sdxl.sh
+# the toy world (toyworld.py): its own captioner, a run sized for 2 CPU cores (README: toy world)
+TOY_DEFAULTS = dict(captioner=os.path.join(TOY, "captioner"), size=64, steps=300, batch=8, lr=1e-3,
+                    lr_d=1e-3, rank=8, sampler="ddim", total_steps=20, grad_steps=5,
+                    checkpointing=False, every=100)
 
 
 def parse(argv):
@@ -125,8 +130,10 @@ def main(argv=None):
     # --- data and frozen models ---
     prompts = sample.read_prompts(cfg.prompts)
     pipe = load(cfg.model, device, dtype)
-    if pipe.sdxl:  # the official SDXL script's values, unless given on the command line
-        cfg = replace(cfg, **{k: v for k, v in SDXL_DEFAULTS.items() if k not in given})
+    toy = cfg.model == "toy"
+    if pipe.sdxl or toy:  # the official SDXL script's values or the toy's, unless given
+        preset = TOY_DEFAULTS if toy else SDXL_DEFAULTS
+        cfg = replace(cfg, **{k: v for k, v in preset.items() if k not in given})
     detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
     f = pipe.vae.cfg.factor
     if cfg.size % f or cfg.size < 4 * f:
@@ -135,8 +142,10 @@ def main(argv=None):
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
     cap = load_captioner(cfg.captioner, device, dtype)
     seg = grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam else None
+    seg = toyworld.segment_shapes if toy and not seg else seg  # the toy's shape masks
+    seg = seg if cfg.w_tok or cfg.w_pix else None  # weights 0: skip maps and masks altogether
     if seg is None and rank == 0:
-        warnings.warn("no --dino/--sam: attribute concentration is off (token and pixel losses 0)")
+        warnings.warn("attribute concentration is off (no --dino/--sam, or w_tok = w_pix = 0)")
     clip_tok = pipe.tokenizers[0]  # token positions index its sequence (T = model_max_length)
     objs = [objects(clip_tok, p) for p in prompts]
     if cfg.prompts.endswith(".jsonl"):  # precomputed objects: {"objects": [[attr..., noun], ...]}
@@ -227,7 +236,8 @@ def main(argv=None):
     # --- the discriminator's "real" latents: the frozen base model on the same prompts ---
     os.makedirs(cfg.out, exist_ok=True)
     real_path = os.path.join(cfg.out, "real_latents.safetensors")
-    if cfg.real == "cache" and not os.path.exists(real_path):
+    cache = cfg.real == "cache" and cfg.w_adv  # no GAN, no reals
+    if cache and not os.path.exists(real_path):
         if rank == 0:  # the LoRA is still zero here, so the model IS the base model
             with torch.no_grad(), autocast:
                 real = []
@@ -239,7 +249,7 @@ def main(argv=None):
             save_weights({"latents": real.float().cpu()}, real_path)
         if world > 1:
             dist.barrier()
-    real = load_file(real_path)["latents"] if cfg.real == "cache" else None
+    real = load_file(real_path)["latents"] if cache else None
 
     # --- resume ---
     start, log_rows, nan_run = 0, [], 0
@@ -263,6 +273,7 @@ def main(argv=None):
         log.write(json.dumps(r) + "\n")
 
     # --- the loop ---
+    before = grid(cfg, pipe, prompts) if rank == 0 else None  # the "before" row of the last PNG
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0):
         t0 = time.time()
         idx = batch_of(step)
@@ -289,7 +300,7 @@ def main(argv=None):
             # 4. fidelity: the generator's adversarial term, D frozen for this step
             for p in d_params:
                 p.requires_grad_(False)
-            adv = comat.g_loss(disc(z))
+            adv = comat.g_loss(disc(z)) if cfg.w_adv else torch.zeros(len(idx), device=device)
         # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
         tok = pix = torch.zeros(len(idx), device=device)
         if seg and any(batch_objs):
@@ -322,18 +333,20 @@ def main(argv=None):
         gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         opt.step()
 
-        # 7. discriminator step on [fake; real], fakes detached
+        # 7. discriminator step on [fake; real], fakes detached (no GAN at all when w_adv = 0)
         for p in d_params:
             p.requires_grad_(True)
-        reals = real[idx] if real is not None else base_latents(batch_prompts, x_T, g)
-        with autocast:  # fakes detached: this step trains D only
-            logits = disc(torch.cat([z.detach(), reals.to(z)]))
-            d_l = comat.d_loss(logits[len(z):], logits[:len(z)]).mean()
-        opt_d.zero_grad(set_to_none=True)
-        d_l.backward()
-        average_grads(d_params, world)
-        torch.nn.utils.clip_grad_norm_(d_params, cfg.clip_d)
-        opt_d.step()
+        d_l = torch.zeros(())
+        if cfg.w_adv:
+            reals = real[idx] if real is not None else base_latents(batch_prompts, x_T, g)
+            with autocast:  # fakes detached: this step trains D only
+                logits = disc(torch.cat([z.detach(), reals.to(z)]))
+                d_l = comat.d_loss(logits[len(z):], logits[:len(z)]).mean()
+            opt_d.zero_grad(set_to_none=True)
+            d_l.backward()
+            average_grads(d_params, world)
+            torch.nn.utils.clip_grad_norm_(d_params, cfg.clip_d)
+            opt_d.step()
 
         # 8. log, pictures, checkpoint (rank 0 only)
         row = {"step": step + 1, "loss": loss.item(), "cap": cap_l.mean().item(),
@@ -353,6 +366,8 @@ def main(argv=None):
     if rank == 0:
         final = os.path.join(cfg.out, "lora.safetensors" if cfg.rank else "unet.safetensors")
         save_weights(lora_state_dict(unet) if cfg.rank else unet.state_dict(), final)
+        viz.save_images(torch.cat([before, grid(cfg, pipe, prompts)]),
+                        os.path.join(cfg.out, "before_after.png"), len(before))
         if cfg.export and cfg.rank:  # a plain fine-tuned UNet (diffusers keys) for any loader
             fold_lora(unet)
             save_weights(unet.state_dict(), os.path.join(cfg.out, "unet.safetensors"))
@@ -362,11 +377,15 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def grid(cfg, pipe, prompts):
+    """The first 8 prompts, seed 0, DDIM: the same noise at every call, so rows compare."""
+    return sample.generate(pipe, prompts[:8], cfg.total_steps, cfg.cfg, cfg.size, "ddim",
+                           seed=0, progress=False)
+
+
 def pictures(cfg, pipe, prompts, rows, maps, img, objs, step):
     """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
-    with torch.no_grad():
-        images = sample.generate(pipe, prompts[:4], cfg.total_steps, cfg.cfg, cfg.size, "ddim",
-                                 seed=0, progress=False)
+    images = grid(cfg, pipe, prompts)
     viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(images))
     viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
     maps = [m for group in maps for m in group]

@@ -309,8 +309,13 @@ def tiny_pipeline(sdxl=False, seed=0):
     return Pipeline(unet, VAE(TINY_VAE), tokenizers, encoders, sdxl)
 
 
+TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # the shipped toy model
+
+
 def load(model, device="cpu", dtype=torch.float32, text_from=None):
-    """A preset name ("tiny", "tiny-sdxl") or a path (diffusers folder or single file)."""
+    """A preset name ("toy": the toy-world model in this repo; "tiny", "tiny-sdxl": random
+    weights) or a path (diffusers folder or single file)."""
+    model = TOY if model == "toy" else model
     if model not in ("tiny", "tiny-sdxl"):
         return load_pipeline(model, device, dtype, text_from)
     pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")

@@ -176,7 +176,8 @@ def test_merge_lora(tmp_path):
 
 def test_cli_writes_png_and_rejects_bad_input(tmp_path, capsys):
     out = tmp_path / "grid.png"
-    sample.main(["a red cat", "a blue dog", "--steps", "2", "--n", "2", "--out", str(out)])
+    sample.main(["a red cat", "a blue dog", "--model", "tiny", "--steps", "2", "--n", "2",
+                 "--out", str(out)])
     from PIL import Image
     assert Image.open(out).size == (2 * 64, 2 * 64)
     assert str(out) in capsys.readouterr().out
@@ -187,7 +188,7 @@ def test_cli_writes_png_and_rejects_bad_input(tmp_path, capsys):
         assert str(e.value).startswith("error:")
     (tmp_path / "blank.txt").write_text("\n  \n")
     with pytest.raises(SystemExit, match="no prompt"):
-        sample.main(["--prompts", str(tmp_path / "blank.txt")])
+        sample.main(["--prompts", str(tmp_path / "blank.txt"), "--model", "tiny"])
 
 
 def test_long_prompt_is_truncated_with_a_warning():

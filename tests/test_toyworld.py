@@ -180,9 +180,9 @@ def test_evaluate_perfect_and_blank_generators():
         return torch.ones(len(prompts), 3, 64, 64)
 
     assert tw.evaluate(perfect, [0, 1]) == {"one": 1.0, "two": 1.0, "spatial": 1.0,
-                                            "overall": 1.0, "fidelity": 1.0}
+                                            "overall": 1.0, "fidelity": 1.0, "missing": 0.0}
     assert tw.evaluate(blank, [0]) == {"one": 0.0, "two": 0.0, "spatial": 0.0,
-                                       "overall": 0.0, "fidelity": 0.0}
+                                       "overall": 0.0, "fidelity": 0.0, "missing": 1.0}
     # uint8 <-> float conversion is exact
     img = tw.render(scenes(6, 1)[0])
     assert (tw.to_uint8(tw.to_float(img[None]))[0] == img).all()

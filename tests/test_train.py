@@ -24,8 +24,9 @@ def world(tmp_path_factory):
     torch.manual_seed(0)
     gd, sam = tiny_grounded_sam(str(d))
     (d / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    return {"dir": d, "args": ["--prompts", str(d / "prompts.txt"), "--captioner",
-                               tiny_blip(str(d / "blip")), "--dino", gd, "--sam", sam,
+    return {"dir": d, "args": ["--model", "tiny", "--prompts", str(d / "prompts.txt"),
+                               "--captioner", tiny_blip(str(d / "blip")),
+                               "--dino", gd, "--sam", sam,
                                "--size", "32", "--total_steps", "4", "--grad_steps", "2",
                                "--rank", "4", "--batch", "2"]}
 
@@ -39,12 +40,14 @@ def test_two_steps_write_what_sample_loads(world, tmp_path):
     lora = run(world, tmp_path / "run", "--steps", "2", "--every", "2")
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)  # the LoRA moved
     for f in ("ckpt-2/lora.safetensors", "ckpt-2/disc.safetensors", "ckpt-2/state.pt", "latest",
-              "log.jsonl", "loss.png", "samples-000002.png", "real_latents.safetensors"):
+              "log.jsonl", "loss.png", "samples-000002.png", "real_latents.safetensors",
+              "before_after.png"):
         assert (tmp_path / "run" / f).exists(), f
     rows = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
     assert len(rows) == 2 and all(k in rows[0] for k in ('"cap"', '"tok"', '"pix"', '"adv"'))
     out = tmp_path / "s.png"
-    sample.main(["a red cat", "--lora", str(tmp_path / "run" / "lora.safetensors"), "--steps", "2",
+    sample.main(["a red cat", "--model", "tiny", "--steps", "2",
+                 "--lora", str(tmp_path / "run" / "lora.safetensors"),
                  "--out", str(out)])
     assert out.exists()
 
@@ -128,7 +131,7 @@ def test_full_finetune_export_and_jsonl_objects(world, tmp_path):
     args = world["args"] + ["--prompts", str(tmp_path / "p.jsonl"), "--steps", "1"]
     train.main(args + ["--rank", "0", "--out", str(tmp_path / "full")])
     full = tmp_path / "full" / "unet.safetensors"
-    sample.main(["a red cat", "--unet", str(full), "--steps", "2",
+    sample.main(["a red cat", "--model", "tiny", "--unet", str(full), "--steps", "2",
                  "--out", str(tmp_path / "a.png")])
     train.main(args + ["--export", "--out", str(tmp_path / "lora")])
     plain = load_file(tmp_path / "lora" / "unet.safetensors")
