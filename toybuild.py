@@ -182,17 +182,34 @@ def blip(tok) -> BlipForConditionalGeneration:
         projection_dim=w))
 
 
+def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """Captioner augmentation of images (B, 3, H, W) in [0, 1]: what generated images have and
+    renders lack, each with p 0.5 per image: a smooth colour field (amplitude up to 0.3), a 3x3
+    blur, Gaussian noise (sd up to 0.15). A captioner that saw only clean renders reads noise
+    textures as shapes, and CoMat's gradient finds them (README: toy world, reward hacking)."""
+    B = len(x)
+
+    def some(p, scale):  # (B, 1, 1, 1): 0 for the images left alone, else a random strength
+        return (torch.rand(B, 1, 1, 1, generator=g) < p) * torch.rand(B, 1, 1, 1, generator=g) * scale
+    field = F.interpolate(torch.rand(B, 3, 4, 4, generator=g) * 2 - 1, size=x.shape[-2:],
+                          mode="bicubic", align_corners=False)
+    x = x + some(0.5, 0.3) * field
+    blur = (torch.rand(B, 1, 1, 1, generator=g) < 0.5).float()
+    x = blur * F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) + (1 - blur) * x
+    return (x + some(0.5, 0.15) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
 def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the
-    COMPLETE prompt of freshly rendered scenes."""
+    COMPLETE prompt of freshly rendered, corrupted scenes."""
     torch.manual_seed(seed)
-    rng = np.random.default_rng([seed, 3])
+    rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
     model = blip(tok)
     cap = Captioner(model, tok)
 
     def loss(i):
         scenes = [train_scene(rng) for _ in range(BATCH["captioner"])]
-        x = images(scenes) / 2 + 0.5  # caption_logprob takes [0, 1]
+        x = corrupt(images(scenes) / 2 + 0.5, g)  # caption_logprob takes [0, 1]
         return -caption_logprob(cap, x, [tw.prompt(s) for s in scenes]).mean()
     optimise(model.parameters(), steps, 5e-4, loss, "captioner")
     return model.eval()
