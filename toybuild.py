@@ -190,7 +190,8 @@ def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     B = len(x)
 
     def some(p, scale):  # (B, 1, 1, 1): 0 for the images left alone, else a random strength
-        return (torch.rand(B, 1, 1, 1, generator=g) < p) * torch.rand(B, 1, 1, 1, generator=g) * scale
+        hit = torch.rand(B, 1, 1, 1, generator=g) < p
+        return hit * torch.rand(B, 1, 1, 1, generator=g) * scale
     field = F.interpolate(torch.rand(B, 3, 4, 4, generator=g) * 2 - 1, size=x.shape[-2:],
                           mode="bicubic", align_corners=False)
     x = x + some(0.5, 0.3) * field
