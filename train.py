@@ -11,7 +11,9 @@ import argparse
 import copy
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 import time
 import warnings
@@ -261,7 +263,15 @@ def main(argv=None):
                                    strict=False).unexpected_keys
         assert not bad, f"checkpoint {ck} does not fit this model: {bad[:3]}"
         D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
-        st = torch.load(os.path.join(ck, "state.pt"), weights_only=False)
+        # weights_only: tensors, numbers, dicts and lists only; a pickled object in a shared
+        # checkpoint could run code when loaded, so it is refused, never unpickled
+        try:
+            st = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+        except pickle.UnpicklingError as e:
+            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            raise SystemExit(f"error: {ck}/state.pt holds a pickled object "
+                             f"({what[1] if what else 'not a tensor, number, list or dict'}); "
+                             f"refused, since unpickling it could run code") from None
         for o, key in ((opt, "opt"), (opt_d, "opt_d")):
             o.load_state_dict(st[key])
         torch.set_rng_state(st["torch_rng"])

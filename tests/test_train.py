@@ -147,3 +147,22 @@ def test_sdxl_like_model_trains(world, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
     cfg, given = train.parse(["--model", "tiny-sdxl", "--lr", "1e-4"])
     assert cfg.lr == 1e-4 and "lr" in given and "lr_d" not in given  # SDXL defaults fill the rest
+
+
+class Payload:  # what a hostile checkpoint could carry: unpickling it would call `touch`
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_pickled_object_in_state_pt(world, tmp_path):
+    run(world, tmp_path / "o", "--steps", "1", "--every", "1")
+    state = tmp_path / "o" / "ckpt-1" / "state.pt"
+    st = torch.load(state, weights_only=True)  # what train.py writes loads without pickle
+    marker = tmp_path / "ran"
+    torch.save({**st, "extra": Payload(str(marker))}, state)
+    with pytest.raises(SystemExit, match="state.pt holds a pickled object .*refused"):
+        run(world, tmp_path / "o", "--steps", "2", "--resume")
+    assert not marker.exists()  # the payload never ran
