@@ -19,12 +19,16 @@ from transformers import (AutoProcessor, GroundingDinoForObjectDetection, SamMod
 
 # Copulas: an adjective-only chunk after one describes the previous noun ("a dog that is red").
 COPULA = set("is are was were be being been looks look appears appear seems seem".split())
+# Determiners end the chunk before them and open the next one (spaCy puts them in its text).
+DET = set("""a an the one two three four five six some several many each every this that these
+those its his her their my our your""".split())
 # Words that end a noun chunk: determiners, pronouns, conjunctions, prepositions, copulas.
-BREAK = COPULA | set("""a an the one two three four five six some several many each every this that
-these those its his her their my our your it they he she we i you there here and or but nor with
-without while as has have had which who whose on in at of to from by for into onto over under
-above below behind beside besides near next between among around across against along atop beneath
-underneath inside outside through toward towards up down off than then""".split())
+BREAK = COPULA | DET | set("""it they he she we i you there here and or but nor with without while
+as has have had which who whose on in at of to from by for into onto over under above below behind
+beside besides near next between among around across against along atop beneath underneath inside
+outside through toward towards up down off than then""".split())
+# Words, hyphenated words, "'s", and single other characters (punctuation, digits).
+TOKEN = re.compile(r"'s\b|[a-z]+(?:-[a-z]+)*|[^\sa-z]")
 # Adjectives (colour, shape, size, material, texture): they never end a chunk, so a participle
 # after them is a noun-ish word ("a tall building"), and "black and white" stays one chunk.
 # "square" is left out on purpose: it is a noun in the toy world ("a red square and ...").
@@ -59,28 +63,42 @@ def is_verb(w: str, cur: list, after: str) -> bool:
     return (bool(cur) and cur[-1] not in ADJ) or (not cur and after in COPULA)
 
 
-def parse(prompt: str, attributed_only=False) -> list[tuple[tuple[str, ...], str]]:
-    """(attributes, noun) per object, a rule-based stand-in for the official spaCy rules (3.1).
+class Chunk(NamedTuple):
+    start: int              # character span in the prompt, a determiner right before included
+    end: int
+    words: tuple[str, ...]  # lower-cased: attribute words, then the noun
 
-    The prompt is cut into chunks at BREAK words, punctuation and verbs; a chunk's last word is its
-    noun (English heads come last), the words before it its attributes. An adjective-only chunk
-    right after a copula is given to the previous noun. Official filters: nouns that repeat in the
-    prompt are dropped (their masks could not be told apart), stop-list nouns are dropped. Bare
-    nouns are kept unless attributed_only: the official code keeps only nouns with a modifier,
-    keeping them gives "a cat and a dog" an attention loss too. A possessive ends a chunk."""
-    words = re.findall(r"[a-z]+(?:-[a-z]+)*|[^\sa-z]", re.sub(r"'s\b", "'", prompt.lower()))
-    groups, cur, after = [], [], ""  # after: the break word before the current chunk
-    for w in words + ["."]:
+
+def chunks(prompt: str) -> list[Chunk]:
+    """Noun chunks by rule, a stand-in for spaCy's (evaluate.py asks BLIP about them too).
+
+    The prompt is cut at BREAK words, punctuation and verbs; a chunk's last word is its noun
+    (English heads come last), the words before it its attributes. Adjectives alone after a
+    copula go to the noun before ("a dog that is red"). A possessive ends a chunk."""
+    toks = [(m.group(), m.start(), m.end()) for m in TOKEN.finditer(prompt.lower())]
+    out, cur, after, begin, end, prev = [], [], "", 0, 0, 0  # after: the break word before cur
+    for w, s, e in toks + [(".", len(prompt), len(prompt))]:
         if not (w in BREAK or not w[0].isalpha() or is_verb(w, cur, after)):
-            cur.append(w)
+            begin = begin if cur else prev if after in DET else s
+            cur, end = cur + [w], e
             continue
         if w in ("and", "or", ",") and cur and set(cur) <= ADJ:
             continue  # "a black and white cat": the adjective run goes on
-        if cur and after in COPULA and set(cur) <= ADJ and groups:
-            groups[-1] = (groups[-1][0] + tuple(cur), groups[-1][1])  # "a dog that is red"
+        if cur and after in COPULA and set(cur) <= ADJ and out:
+            out[-1] = out[-1]._replace(words=out[-1].words[:-1] + tuple(cur) + out[-1].words[-1:])
         elif cur:
-            groups.append((tuple(cur[:-1]), cur[-1]))
-        cur, after = [], w
+            out.append(Chunk(begin, end, tuple(cur)))
+        cur, after, prev = [], w, s
+    return out
+
+
+def parse(prompt: str, attributed_only=False) -> list[tuple[tuple[str, ...], str]]:
+    """(attributes, noun) per object, a rule-based stand-in for the official spaCy rules (3.1).
+
+    Official filters: nouns that repeat in the prompt are dropped (their masks could not be told
+    apart), stop-list nouns are dropped. Bare nouns are kept unless attributed_only: the official
+    code keeps only nouns with a modifier; keeping them gives "a cat and a dog" a loss too."""
+    groups = [(c.words[:-1], c.words[-1]) for c in chunks(prompt)]
     # the official check also strips the noun's last letter; only a plural "s" here ("seat" != sea)
     out = [(a, n) for a, n in groups if n not in STOP and n.removesuffix("s") not in STOP]
     nouns = [n for _, n in out]
@@ -151,11 +169,29 @@ def boxes_to_masks(sam, sam_processor, image, boxes):
     return masks[0][:, 0].bool()  # (n, H, W)
 
 
+def detect(dino, dino_processor, image, names, box_threshold=0.3, text_threshold=0.25):
+    """Grounding-DINO on one PIL image: [(k, score, xyxy pixel box (4,))], one per box whose phrase
+    IS the lower-case noun names[k], best score first; "red car" for "car" is ignored (P15)."""
+    # the caption format the HF processor builds from labels: "cat. dog."
+    inputs = dino_processor(images=image, text=". ".join(names) + ".",
+                            return_tensors="pt").to(dino.device, dino.dtype)
+    det = dino_processor.post_process_grounded_object_detection(
+        dino(**inputs), inputs["input_ids"], threshold=box_threshold,
+        text_threshold=text_threshold, target_sizes=[image.size[::-1]])[0]
+    # spaces (BERT decodes "t-shirt" as "t - shirt"), dots and special tokens like a trailing
+    # "[SEP]" (HF decodes them into the phrase) are not words, so they are dropped
+    keys = [n.replace(" ", "") for n in names]
+    labels = [re.sub(r"\[[A-Z]+\]|[\s.]", "", lab) for lab in det["text_labels"]]
+    hits = [(keys.index(lab), s.item(), box.float().cpu())
+            for lab, s, box in zip(labels, det["scores"], det["boxes"]) if lab in keys]
+    return sorted(hits, key=lambda h: -h[1])
+
+
 def grounded_sam(dino, dino_processor, sam, sam_processor, box_threshold=0.3,
                  text_threshold=0.25):
     """A segmenter: seg(images (B, 3, H, W) in [0, 1], nouns per sample) -> (masks (B, K, H, W)
-    bool, found (B, K) bool). Official thresholds; a box counts only if its phrase IS the noun;
-    all boxes of one noun are OR-ed; an undetected noun gets found=False (and no loss)."""
+    bool, found (B, K) bool). Official thresholds; all boxes of one noun are OR-ed; an undetected
+    noun gets found=False (and no loss)."""
 
     @torch.no_grad()
     def seg(images, nouns):
@@ -165,26 +201,12 @@ def grounded_sam(dino, dino_processor, sam, sam_processor, box_threshold=0.3,
         masks = torch.zeros(B, K, H, W, dtype=torch.bool)
         found = torch.zeros(B, K, dtype=torch.bool)
         for b, (image, names) in enumerate(zip(to_pil(images), nouns)):
-            if not names:
-                continue
-            # the caption format the HF processor builds from labels: "cat. dog."
             names = [n.strip().lower() for n in names]
-            inputs = dino_processor(images=image, text=". ".join(names) + ".",
-                                    return_tensors="pt").to(dino.device, dino.dtype)
-            det = dino_processor.post_process_grounded_object_detection(
-                dino(**inputs), inputs["input_ids"], threshold=box_threshold,
-                text_threshold=text_threshold, target_sizes=[(H, W)])[0]
-            # the phrase must equal a noun exactly; "red car" for "car" is ignored (P15). Spaces
-            # (BERT decodes "t-shirt" as "t - shirt"), dots and special tokens like a trailing
-            # "[SEP]" (HF decodes them into the phrase) are not words, so they are dropped
-            keys = [n.replace(" ", "") for n in names]
-            labels = [re.sub(r"\[[A-Z]+\]|[\s.]", "", lab) for lab in det["text_labels"]]
-            keep = [i for i, lab in enumerate(labels) if lab in keys]
-            if not keep:
+            hits = detect(dino, dino_processor, image, names, box_threshold, text_threshold)
+            if not hits:
                 continue
-            box_masks = boxes_to_masks(sam, sam_processor, image, det["boxes"][keep].float().cpu())
-            for m, i in zip(box_masks, keep):
-                k = keys.index(labels[i])
+            box_masks = boxes_to_masks(sam, sam_processor, image, torch.stack([h[2] for h in hits]))
+            for m, (k, _, _) in zip(box_masks, hits):
                 masks[b, k], found[b, k] = masks[b, k] | m, True
         return masks.to(images.device), found.to(images.device)
     return seg

@@ -1,0 +1,450 @@
+"""T2I-CompBench, scored the way the benchmark scores it: BLIP-VQA for colour, shape and texture,
+a detector and a position rule for spatial, CLIP for non-spatial, their "3-in-1" mix for complex.
+
+Source: Karine-Huang/T2I-CompBench (MIT) at 1b70949, spec ../shared/spec/t2i-compbench.md. Each
+metric is the benchmark's own rule on transformers models from local folders. Deviations: the
+detector is Grounding-DINO, not UniDet (spec 2), so spatial numbers are not comparable with
+published ones; noun chunks and POS tags come from spaCy's en_core_web_sm only when it is
+installed, else from segment.py's rule-based chunker.
+Layout: OUT/{category}/samples/{prompt}_{NNNNNN}.png, index = prompt * 10 + k, image k from seed
+42 + k; results in OUT/{category}/annotation_blip/vqa_result.json etc., the benchmark's fields.
+Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset --model toy
+    --blip blip-vqa-capfilt-large --clip clip-vit-base-patch32 --dino grounding-dino-tiny
+"""
+import argparse
+import json
+import os
+import re
+import sys
+from typing import Callable, NamedTuple
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+from transformers import (AutoProcessor, AutoTokenizer, BlipForQuestionAnswering, CLIPModel,
+                          GroundingDinoForObjectDetection)
+
+import segment
+import viz
+from sample import default_size, generate, load_or_exit
+
+CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
+NEEDS = {"blip": ("color", "shape", "texture", "complex"), "clip": ("non_spatial", "complex"),
+         "dino": ("spatial", "complex")}  # which scorer each category runs
+# Where each metric's vqa_result.json goes, as the benchmark's scripts write it.
+OUT = {"blip": "annotation_blip", "spatial": "labels/annotation_obj_detection_2d",
+       "clip": "annotation_clip", "3_in_1": "annotation_3_in_1"}
+# BLIP and CLIP were both trained with CLIP's normalisation constants.
+MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+
+# --- the benchmark's folder layout ---
+
+
+def image_name(prompt: str, index: int) -> str:
+    """samples/ file name; every scorer reads the prompt back as the text before the first '_'."""
+    assert "_" not in prompt and "/" not in prompt, f"prompt with '_' or '/': {prompt!r}"
+    return f"{prompt}_{index:06d}.png"
+
+
+def read_samples(folder: str) -> list[tuple[str, str]]:
+    """(prompt, path) per image of folder/samples in index order; the index must be 0..N-1 (#17)."""
+    d = os.path.join(folder, "samples")
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"no samples/ folder in {folder}")
+    found = {}
+    for f in os.listdir(d):
+        m = re.fullmatch(r"([^_]+)_.*?(\d+)\.png", f)
+        if not m:
+            raise ValueError(f"{d}/{f} is not named {{prompt}}_{{NNNNNN}}.png")
+        found[int(m[2])] = (m[1], os.path.join(d, f))
+    if sorted(found) != list(range(len(found))) or not found:
+        raise ValueError(f"{d}: image indices must run 0..N-1, found {len(found)} images")
+    return [found[i] for i in range(len(found))]
+
+
+def write_result(folder: str, sub: str, answers: list) -> float:
+    """The benchmark's vqa_result.json ({"question_id", "answer"} per image); returns the mean."""
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    with open(os.path.join(folder, sub, "vqa_result.json"), "w") as f:
+        json.dump([{"question_id": i, "answer": a} for i, a in enumerate(answers)], f)
+    return sum(float(a) for a in answers) / len(answers)
+
+
+# --- prompt analysis: spaCy's en_core_web_sm if installed, else segment.py's chunker ---
+
+
+class Parsed(NamedTuple):
+    tokens: list[tuple[str, str]]  # (text, coarse POS): NOUN, ADJ, PROPN (spaCy only), or other
+    chunks: list[str]              # noun chunks' text, case kept ("a green bench")
+
+
+def analyse(prompt: str, nlp=None) -> Parsed:
+    """Tokens and noun chunks. By rule, a chunk's last word is its NOUN and segment.ADJ's words
+    are ADJ: that is what the benchmark reads from spaCy's tags."""
+    if nlp is not None:
+        doc = nlp(prompt)
+        return Parsed([(t.text, t.pos_) for t in doc], [c.text for c in doc.noun_chunks])
+    chunks = segment.chunks(prompt)
+    heads = {c.end for c in chunks}
+    tokens = [(prompt[m.start():m.end()], "NOUN" if m.end() in heads else
+               "ADJ" if m.group() in segment.ADJ else "X")
+              for m in segment.TOKEN.finditer(prompt.lower())]
+    return Parsed(tokens, [prompt[c.start:c.end] for c in chunks])
+
+
+def load_parser(kind: str):
+    """spaCy's en_core_web_sm (the benchmark's parser) or None for the rule-based chunker."""
+    if kind == "rules":
+        return None
+    try:
+        import spacy
+        return spacy.load("en_core_web_sm")
+    except (ImportError, OSError):
+        if kind == "spacy":
+            raise ImportError("--parser spacy needs spacy and en_core_web_sm installed")
+        return None
+
+
+# --- BLIP-VQA (BLIPvqa_eval: colour, shape, texture, complex's attribute part) ---
+
+DROP = ("top", "the side", "the left", "the right")  # chunks the benchmark never asks about
+
+
+def questions(chunks: list[str], n=8) -> list[str]:
+    """One question "{chunk}?" per noun chunk, np_num = 8 slots, "" for the empty ones."""
+    qs = [f"{c}?" for c in chunks if c not in DROP][:n]
+    return qs + [""] * (n - len(qs))
+
+
+def pre_question(q: str, max_words=50) -> str:
+    """BLIP's data/utils.py pre_question: lower case, drop .!"()*#:;~ (keep '?'), 50 words."""
+    return " ".join(re.sub(r'[.!"()*#:;~]', "", q.lower()).rstrip(" ").split(" ")[:max_words])
+
+
+def product(answers: list) -> str:
+    """An image's score: product over the slots, each answer already 4 decimals, an empty slot
+    (None) counts 1; float32 like the benchmark's tensor, stored with 4 decimals."""
+    r = torch.tensor(1.0)
+    for a in answers:
+        r = r * (1.0 if a is None else float(a))
+    return f"{r.item():.4f}"
+
+
+def pixels(image, size: int, crop: bool):
+    """PIL -> normalised (3, size, size). crop=False: squash to size (BLIP's Resize((s, s))); True:
+    short side to size, then centre crop (CLIP's preprocess). Both bicubic, as torchvision on PIL."""
+    w, h = image.size
+    new = (size, size) if not crop else (size, int(size * h / w)) if w <= h else (int(size * w / h),
+                                                                                  size)
+    image = image.convert("RGB").resize(new, Image.BICUBIC)
+    left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
+    image = image.crop((left, top, left + size, top + size))
+    x = torch.tensor(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
+    return (x.permute(2, 0, 1).float() / 255 - MEAN) / STD
+
+
+def yes_prob(model, tok, x, qs, owner):
+    """P(yes) / (P(yes) + P(no)) at the first answer step, the benchmark's vqa_prob: images x
+    (B, 3, S, S), questions qs about images owner (Q,) -> (Q,). Not generation, not ranking."""
+    dec = model.config.text_config.bos_token_id  # [DEC] (30522) starts the answer
+    yes, no = tok.convert_tokens_to_ids(["yes", "no"])
+    img = model.vision_model(x, interpolate_pos_encoding=True).last_hidden_state  # (B, 1+P, D)
+    ids = [tok(pre_question(q), truncation=True, max_length=35).input_ids for q in qs]
+    out = torch.zeros(len(qs), device=x.device)
+    # one question length at a time, unpadded: transformers' BLIP text cross-attention drops
+    # encoder_attention_mask (5.x), so padded question states would leak into the answer
+    for n in sorted({len(i) for i in ids}):
+        sel = [j for j, i in enumerate(ids) if len(i) == n]
+        # BLIP adds [DEC] and then [ENC] (30523) to BERT's vocabulary; questions start with [ENC]
+        q = torch.tensor([[dec + 1] + ids[j][1:] for j in sel], device=x.device)  # (b, n)
+        h = model.text_encoder(q, encoder_hidden_states=img[[owner[j] for j in sel]])[0]
+        start = torch.full((len(sel), 1), dec, device=x.device)
+        z = model.text_decoder(start, encoder_hidden_states=h).logits[:, 0]  # (b, V)
+        out[sel] = torch.sigmoid(z[:, yes].float() - z[:, no].float())  # = softmax over 2
+    return out
+
+
+def blip_vqa(model, tok, size=480):
+    """A scorer: vqa(images, questions, owner) -> [P(yes)] per question about images[owner], at
+    480 px as the benchmark (spec 1)."""
+
+    @torch.no_grad()
+    def vqa(images, qs, owner):
+        x = torch.stack([pixels(im, size, crop=False) for im in images])
+        return yes_prob(model, tok, x.to(model.device, model.dtype), qs, owner).tolist()
+    return vqa
+
+
+# --- CLIP (CLIPScore_eval: non-spatial, complex's action part) ---
+
+
+def clip_cosine(model, tok):
+    """A scorer: cosine(images, texts) -> raw cosine per pair, ViT-B/32 at 224 px (not CLIPScore's
+    2.5 * max(0, .), not x100)."""
+    dev = model.device
+
+    @torch.no_grad()
+    def cosine(images, texts):
+        x = torch.stack([pixels(im, 224, crop=True) for im in images]).to(dev, model.dtype)
+        t = tok(texts, padding=True, truncation=True, max_length=77, return_tensors="pt").to(dev)
+        a = model.get_image_features(pixel_values=x).pooler_output  # (B, E)
+        b = model.get_text_features(**t).pooler_output  # (B, E)
+        return torch.cosine_similarity(a.float(), b.float(), dim=-1).tolist()
+    return cosine
+
+
+def clip_text(parsed: Parsed) -> str:
+    """Complex mode's CLIP text: the prompt without its ADJ tokens, re-joined with spaces."""
+    return " ".join(t for t, pos in parsed.tokens if pos != "ADJ")
+
+
+# --- detection and the 2D spatial rule (UniDet_eval/2D_spatial_eval.py) ---
+
+RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of",
+             "on the bottom of", "on the top of", "on top of")  # first substring found wins
+PREPOSITIONS = ("on top of", "on bottom of", "on the left", "on the right", "next to",
+                "on side of", "near")  # complex mode: objects around these
+PERSON = ("girl", "boy", "man", "woman")  # UniDet's label for them is "person"
+
+
+def grounding_dino(model, processor, box_threshold=0.35, text_threshold=0.25):
+    """A scorer: detect(image, nouns) -> {noun: (score, xyxy box in the 479-px frame)} for the
+    best box of each noun found. UniDet saw images resized to short side 479 (max 480), and the
+    distance threshold 150 is in that frame's pixels."""
+
+    @torch.no_grad()
+    def detect(image, nouns):
+        w, h = image.size
+        s = min(479 / min(w, h), 480 / max(w, h))
+        hits = segment.detect(model, processor, image.convert("RGB"), list(nouns), box_threshold,
+                              text_threshold)
+        best = {}
+        for k, score, box in hits:  # best first: keep each noun's first
+            best.setdefault(nouns[k], (score, (box * s).tolist()))
+        return best
+    return detect
+
+
+def spatial_objects(parsed: Parsed, complex_mode: bool):
+    """(obj1, obj2): first and last NOUN; complex mode: the NOUN/PROPN nearest before each
+    preposition and the first NOUN after (PROPN fallback), (None, None) unless exactly two."""
+    tok = parsed.tokens
+    if not complex_mode:
+        nouns = [t for t, pos in tok if pos == "NOUN"]
+        return (nouns[0], nouns[-1]) if nouns else (None, None)
+    objs, words = [], [t for t, _ in tok]
+    for i in range(len(tok)):
+        k = next((k for k in (3, 2, 1) if " ".join(words[i:i + k]) in PREPOSITIONS), 0)
+        if not k:
+            continue
+        objs += [t for t, pos in reversed(tok[:i]) if pos in ("NOUN", "PROPN")][:1]
+        after = [t for t, pos in tok[i + k:] if pos == "NOUN"][:1]
+        if not after:  # a PROPN not followed by another PROPN
+            after = [tok[j][0] for j in range(i + k, len(tok) - 1)
+                     if tok[j][1] == "PROPN" and tok[j + 1][1] != "PROPN"][:1]
+        objs += after
+    return tuple(objs) if len(objs) == 2 else (None, None)
+
+
+def position(rel, b1, b2, iou_threshold=0.1, distance=150.0) -> float:
+    """determine_position: how well xyxy boxes b1, b2 satisfy "obj1 {rel} obj2" (y grows down)."""
+    dx = (b2[0] + b2[2]) / 2 - (b1[0] + b1[2]) / 2  # centre of obj2 minus centre of obj1
+    dy = (b2[1] + b2[3]) / 2 - (b1[1] + b1[3]) / 2
+    inter = (max(0, min(b1[2], b2[2]) - max(b1[0], b2[0]))
+             * max(0, min(b1[3], b2[3]) - max(b1[1], b2[1])))
+    union = (b1[2] - b1[0]) * (b1[3] - b1[1]) + (b2[2] - b2[0]) * (b2[3] - b2[1]) - inter
+    iou = inter / union if union > 0 else 0.0
+    if rel in ("next to", "on side of", "near"):
+        return 1.0 if abs(dx) < distance or abs(dy) < distance else distance / max(abs(dx),
+                                                                                   abs(dy))
+    # "on top of" is in RELATIONS but not here: the benchmark scores it 0
+    ok = {"on the left of": dx > 0 and abs(dx) > abs(dy), "on the right of": dx < 0 and
+          abs(dx) > abs(dy), "on the top of": dy > 0 and abs(dy) > abs(dx),
+          "on the bottom of": dy < 0 and abs(dy) > abs(dx)}.get(rel, False)
+    return 0.0 if not ok else 1.0 if iou < iou_threshold else iou_threshold / iou
+
+
+def spatial_score(rel, found1, found2) -> float:
+    """0.25 conf1 + 0.25 conf2 + 0.5 position, or 0.25 conf of the one found; below 0.5 -> 0.
+    found = (score, box) or None."""
+    if found1 and found2:
+        s = 0.25 * found1[0] + 0.25 * found2[0] + position(rel, found1[1], found2[1]) / 2
+    else:
+        s = 0.25 * (found1 or found2 or (0.0,))[0]
+    return 0.0 if s < 0.5 else s
+
+
+# --- complex: the 3-in-1 mix (3_in_1_eval/3_in_1.py) ---
+
+
+def three_in_one(prompt, blip, spatial, clip, spatial_keys, action_keys) -> float:
+    """Routing by prompt type, keyed on the lower-cased text before the first '.': spatial
+    prompts (BLIP + det) / 2, action prompts (BLIP + CLIP) / 2, the rest the mean of all three."""
+    key = prompt.split(".")[0].lower()
+    if key in spatial_keys:
+        return (spatial + float(blip)) * 0.5
+    if key in action_keys:
+        return (clip + float(blip)) * 0.5
+    return (float(blip) + spatial + clip) / 3
+
+
+# --- scoring a folder, generating one ---
+
+
+class Scorers(NamedTuple):
+    vqa: Callable | None     # blip_vqa(...), for color, shape, texture, complex
+    cosine: Callable | None  # clip_cosine(...), for non_spatial, complex
+    detect: Callable | None  # grounding_dino(...), for spatial, complex
+
+
+def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), batch=8) -> dict:
+    """Score folder/samples for one category, write its vqa_result.json files; metric -> mean.
+    types: the (spatial, action) prompt keys of complex_val_{spatial,action}.txt."""
+    samples = read_samples(folder)
+    parsed = {p: analyse(p, nlp) for p in {p for p, _ in samples}}
+    res, complex_mode = {}, category == "complex"
+    for i in tqdm(range(0, len(samples), batch), desc=category):
+        part = samples[i:i + batch]
+        images = [Image.open(path) for _, path in part]
+        if category in NEEDS["blip"]:
+            qs = [(j, q) for j, (p, _) in enumerate(part) for q in questions(parsed[p].chunks) if q]
+            probs = iter(scorers.vqa(images, [q for _, q in qs], [j for j, _ in qs]))
+            for p, _ in part:  # each answer stored with 4 decimals, then the product
+                res.setdefault("blip", []).append(product(
+                    [f"{next(probs):.4f}" if q else None for q in questions(parsed[p].chunks)]))
+        if category in NEEDS["clip"]:
+            texts = [clip_text(parsed[p]) if complex_mode else p for p, _ in part]
+            res.setdefault("clip", []).extend(scorers.cosine(images, texts))
+        if category in NEEDS["dino"]:
+            for (p, _), im in zip(part, images):
+                o1, o2 = [("person" if o in PERSON else o)
+                          for o in spatial_objects(parsed[p], complex_mode)]
+                found = scorers.detect(im, [o for o in dict.fromkeys((o1, o2)) if o]) if o1 or o2 else {}
+                rel = next((r for r in RELATIONS if r in p), None)
+                res.setdefault("spatial", []).append(spatial_score(rel, found.get(o1),
+                                                                   found.get(o2)))
+    if complex_mode:
+        res["3_in_1"] = [three_in_one(p, b, s, c, *types) for (p, _), b, s, c in
+                         zip(samples, res["blip"], res["spatial"], res["clip"])]
+    return {m: write_result(folder, OUT[m], answers) for m, answers in res.items()}
+
+
+def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, size=512,
+                     batch=8):
+    """The benchmark's generation: image k of prompt i is samples/{prompt}_{i*n+k:06d}.png from
+    seed + k. Files already there are kept, so an interrupted run resumes."""
+    os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
+    f, dev = pipe.vae.cfg.factor, pipe.unet.conv_in.weight.device
+    for k in range(n):
+        todo = [(p, os.path.join(folder, "samples", image_name(p, i * n + k)))
+                for i, p in enumerate(prompts)]
+        todo = [(p, path) for p, path in todo if not os.path.exists(path)]
+        g = torch.Generator().manual_seed(seed + k)  # one start latent per seed, any batching
+        x = torch.randn((1, pipe.unet.cfg.in_channels, size // f, size // f), generator=g)
+        for j in tqdm(range(0, len(todo), batch), desc=f"seed {seed + k}", disable=not todo):
+            part = todo[j:j + batch]
+            z = x.repeat(len(part), 1, 1, 1).to(dev, pipe.unet.conv_in.weight.dtype)
+            images = generate(pipe, [p for p, _ in part], steps, scale, size, latents=z,
+                              progress=False)
+            for img, (_, path) in zip(images, part):
+                viz.save_images(img[None], path, cols=1)
+
+
+# --- CLI ---
+
+
+def read_lines(path):
+    """A benchmark prompt file (CRLF, no final newline): stripped non-empty lines."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+
+
+def load_scorers(a, categories) -> Scorers:
+    """The scorer models each category needs, from local folders only (never a download)."""
+    for name, cats in NEEDS.items():
+        path = getattr(a, name)
+        if set(cats) & set(categories) and not (path and os.path.isdir(path)):
+            raise FileNotFoundError(f"--{name} must be a local model folder for "
+                                    f"{', '.join(sorted(set(cats) & set(categories)))}: {path}")
+
+    def load(cls, path):
+        try:
+            return cls.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:  # a folder in the wrong layout
+            raise ValueError(f"{path}: not a {cls.__name__} folder ({str(e).splitlines()[0]})")
+    need = lambda name: bool(set(NEEDS[name]) & set(categories))  # noqa: E731
+    vqa = cosine = detect = None
+    if need("blip"):
+        model = load(BlipForQuestionAnswering, a.blip).to(a.device).eval()
+        vqa = blip_vqa(model, load(AutoTokenizer, a.blip), a.blip_size)
+    if need("clip"):
+        cosine = clip_cosine(load(CLIPModel, a.clip).to(a.device).eval(),
+                             load(AutoTokenizer, a.clip))
+    if need("dino"):
+        detect = grounding_dino(load(GroundingDinoForObjectDetection, a.dino).to(a.device).eval(),
+                                load(AutoProcessor, a.dino), a.box_threshold, a.text_threshold)
+    return Scorers(vqa, cosine, detect)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="T2I-CompBench scores (generate first if --model).")
+    ap.add_argument("out", help="root: one benchmark folder per category, OUT/{category}/samples")
+    ap.add_argument("--categories", default=",".join(CATEGORIES))
+    ap.add_argument("--data", help="the benchmark's examples/dataset ({category}_val.txt, "
+                    "complex_val_{spatial,action}.txt)")
+    ap.add_argument("--model", help="generate first: toy | diffusers folder | single file")
+    ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
+    ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors)")
+    ap.add_argument("--lora", help="LoRA weights (.safetensors) to merge")
+    ap.add_argument("--n", type=int, default=10, help="images per prompt (seeds 42..)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--cfg", type=float, default=7.5)
+    ap.add_argument("--size", type=int, help="default: the model's (toy 64, SD1.5 512, SDXL 1024)")
+    ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    ap.add_argument("--blip", help="BLIP-VQA folder (Salesforce/blip-vqa-capfilt-large)")
+    ap.add_argument("--blip-size", type=int, default=480, help="BLIP input side (benchmark: 480)")
+    ap.add_argument("--clip", help="CLIP folder (openai/clip-vit-base-patch32)")
+    ap.add_argument("--dino", help="Grounding-DINO folder (IDEA-Research/grounding-dino-tiny)")
+    ap.add_argument("--box-threshold", type=float, default=0.35)
+    ap.add_argument("--text-threshold", type=float, default=0.25)
+    ap.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto",
+                    help="noun chunks and POS tags: spaCy's en_core_web_sm if installed (auto)")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    cats = a.categories.split(",")
+    try:
+        assert set(cats) <= set(CATEGORIES), f"--categories: choose from {', '.join(CATEGORIES)}"
+        assert a.data or not (a.model or "complex" in cats), "--data is needed to generate or " \
+            "to route complex prompts"
+        val = {c: read_lines(os.path.join(a.data, f"{c}_val.txt")) for c in cats} if a.model else {}
+        types = ((), ())
+        if "complex" in cats:
+            types = tuple({ln.split(".")[0].lower() for ln in
+                           read_lines(os.path.join(a.data, f"complex_val_{t}.txt"))}
+                          for t in ("spatial", "action"))
+        scorers, nlp = load_scorers(a, cats), load_parser(a.parser)
+        if a.model:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
+            pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
+            for c in cats:
+                generate_samples(pipe, val[c], os.path.join(a.out, c), a.n, 42, a.steps, a.cfg,
+                                 a.size or default_size(a.model, pipe), a.batch)
+        print(f"noun chunks and POS tags: {'spaCy en_core_web_sm' if nlp else 'rule-based'}")
+        rows = []
+        for c in cats:
+            means = score(os.path.join(a.out, c), c, scorers, nlp, types, a.batch)
+            main_metric = {"spatial": "spatial", "non_spatial": "clip", "complex": "3_in_1"}
+            rows.append(means[main_metric.get(c, "blip")])
+            print(f"{c}: " + ", ".join(f"{m} {v:.4f} ({os.path.join(a.out, c, OUT[m])})"
+                                      for m, v in means.items()))
+    except (AssertionError, FileNotFoundError, ValueError, ImportError) as e:
+        sys.exit(f"error: {e}")
+    print("| " + " | ".join(cats) + " |\n|" + "---|" * len(cats) + "\n| "
+          + " | ".join(f"{v:.4f}" for v in rows) + " |")
+
+
+if __name__ == "__main__":
+    main()
