@@ -132,11 +132,12 @@ def product(answers: list) -> str:
 
 
 def pixels(image, size: int, crop: bool):
-    """PIL -> normalised (3, size, size). crop=False: squash to size (BLIP's Resize((s, s))); True:
-    short side to size, then centre crop (CLIP's preprocess). Both bicubic, as torchvision on PIL."""
+    """PIL -> normalised (3, size, size). crop=False: squash to size (BLIP's Resize((s, s)));
+    True: short side to size, then centre crop (CLIP's preprocess). Bicubic, as torchvision."""
     w, h = image.size
-    new = (size, size) if not crop else (size, int(size * h / w)) if w <= h else (int(size * w / h),
-                                                                                  size)
+    new = (size, size)
+    if crop:  # torchvision Resize(int): the long side is int(size * long / short)
+        new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
     image = image.convert("RGB").resize(new, Image.BICUBIC)
     left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
     image = image.crop((left, top, left + size, top + size))
@@ -320,7 +321,8 @@ def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), batch=8)
             for (p, _), im in zip(part, images):
                 o1, o2 = [("person" if o in PERSON else o)
                           for o in spatial_objects(parsed[p], complex_mode)]
-                found = scorers.detect(im, [o for o in dict.fromkeys((o1, o2)) if o]) if o1 or o2 else {}
+                names = [o for o in dict.fromkeys((o1, o2)) if o]  # each noun asked once
+                found = scorers.detect(im, names) if names else {}
                 rel = next((r for r in RELATIONS if r in p), None)
                 res.setdefault("spatial", []).append(spatial_score(rel, found.get(o1),
                                                                    found.get(o2)))

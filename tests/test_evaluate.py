@@ -181,7 +181,8 @@ def test_generate_then_score(tmp_path, capsys):
     dino, _ = tiny_grounded_sam(str(tmp_path / "gs"), words=("girl", "frog", "bench"))
     flags = ["--data", str(data), "--blip", blip, "--blip-size", "32", "--clip", clip,
              "--dino", dino, "--parser", "rules"]
-    ev.main([str(out), "--categories", "color,spatial,non_spatial,complex", "--model", "tiny", "--n", "2", "--steps", "1", "--size", "32", *flags])
+    ev.main([str(out), "--categories", "color,spatial,non_spatial,complex", "--model", "tiny",
+             "--n", "2", "--steps", "1", "--size", "32", *flags])
     names = sorted(os.listdir(out / "color" / "samples"))
     assert names == [f"a blue bench and a green bowl_00000{i}.png" for i in (2, 3)] + \
         [f"a green bench and a blue bowl_00000{i}.png" for i in (0, 1)]
