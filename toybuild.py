@@ -46,12 +46,18 @@ BLIP_WIDTH, BLIP_LAYERS = 96, 3  # vision and text towers alike; 64px images in 
 DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes and seconds per step on 2 CPU cores (torch 2.13; measured VAE 0.67, UNet 0.32,
-# captioner 0.08; VAE rounded up): budget -> step counts. 60 min: 1200 / 6750 / 2250 steps, ~54 min
+# captioner 0.29 with its adversarial steps; VAE rounded up): budget -> step counts.
+# 72 min: 1200 / 6750 / 2880 steps, ~68 min (the VAE and UNet counts of the first build)
 BATCH = {"vae": 16, "unet": 32, "captioner": 32}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.32, "captioner": 0.08}
-SHARE = {"vae": 0.30, "unet": 0.60, "captioner": 0.05}  # the last 5%: latents, saving
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.32, "captioner": 0.3}
+SHARE = {"vae": 0.25, "unet": 0.50, "captioner": 0.20}  # the last 5%: latents, saving
+BUDGET_MINUTES = 72.0
+STAGES = ("base", "captioner")  # base: VAE, text encoder, UNet (one pool of latents links them)
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
+# captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
+# caption by PGD (RMS budget, steps); the hinge margin of true over confused captions (nats/token)
+ODD_P, PGD_P, PGD_EPS, PGD_STEPS, MARGIN = 0.5, 0.5, 0.06, 3, 1.0
 
 
 def train_scene(rng: np.random.Generator) -> tw.Scene:
@@ -163,7 +169,7 @@ def train_unet(scenes, latents, steps: int, seed: int) -> tuple[UNet, object, CL
 def blip_tokenizer(folder: str) -> BertTokenizer:
     """A BERT word tokenizer for the captioner: BLIP's specials, its prefix and the grammar."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-             *sorted(set(WORDS) | {"photography", "of"})]
+             *sorted(set(WORDS) | {"photography", "of"} | set(tw.ODD_WORDS))]
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
     return BertTokenizer(os.path.join(folder, "vocab.txt"))
@@ -183,10 +189,10 @@ def blip(tok) -> BlipForConditionalGeneration:
 
 
 def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-    """Captioner augmentation of images (B, 3, H, W) in [0, 1]: what generated images have and
-    renders lack, each with p 0.5 per image: a smooth colour field (amplitude up to 0.3), a 3x3
-    blur, Gaussian noise (sd up to 0.15). A captioner that saw only clean renders reads noise
-    textures as shapes, and CoMat's gradient finds them (README: toy world, reward hacking)."""
+    """Mild augmentation of images (B, 3, H, W) in [0, 1], each with p 0.5 per image: a smooth
+    colour field (amplitude up to 0.15), a 3x3 blur, Gaussian noise (sd up to 0.08). Captions
+    are read off the result (toyworld.describe), so a corruption strong enough to change what
+    the evaluator reads changes the caption too."""
     B = len(x)
 
     def some(p, scale):  # (B, 1, 1, 1): 0 for the images left alone, else a random strength
@@ -194,24 +200,88 @@ def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         return hit * torch.rand(B, 1, 1, 1, generator=g) * scale
     field = F.interpolate(torch.rand(B, 3, 4, 4, generator=g) * 2 - 1, size=x.shape[-2:],
                           mode="bicubic", align_corners=False)
-    x = x + some(0.5, 0.3) * field
+    x = x + some(0.5, 0.15) * field
     blur = (torch.rand(B, 1, 1, 1, generator=g) < 0.5).float()
     x = blur * F.avg_pool2d(x, 3, 1, 1, count_include_pad=False) + (1 - blur) * x
-    return (x + some(0.5, 0.15) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    return (x + some(0.5, 0.08) * torch.randn(x.shape, generator=g)).clamp(0, 1)
+
+
+def confuse(text: str, rng: np.random.Generator) -> str:
+    """A wrong caption one edit away: two colours swapped (p 0.5 when a caption names two
+    different colours), else one colour or shape word replaced by another."""
+    w = text.split()
+    cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
+    shapes = [i for i, x in enumerate(w) if x in tw.SHAPES]
+    if len(cols) >= 2 and w[cols[0]] != w[cols[1]] and rng.random() < 0.5:
+        w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
+    elif cols or shapes:
+        i = int(rng.choice(cols + shapes))
+        pool = list(tw.COLOURS) if w[i] in tw.COLOURS else list(tw.SHAPES)
+        w[i] = str(rng.choice([x for x in pool if x != w[i]]))
+    return " ".join(w)
+
+
+def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: int,
+           ) -> torch.Tensor:
+    """Projected gradient ascent of caption_logprob(prompts) on the pixels of x (B, 3, H, W) in
+    [0, 1]: normalised steps of 2.5 eps / steps, each image's perturbation kept within RMS eps
+    and the image within [0, 1]. The captioner's weights get no gradient."""
+    delta = torch.zeros_like(x)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        lp = caption_logprob(cap, x + delta, prompts).sum()
+        grad, = torch.autograd.grad(lp, delta)
+        rms = grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+        delta = (x + delta.detach() + 2.5 * eps / steps * grad / rms).clamp(0, 1) - x
+        norm = delta.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+        delta = delta * (eps / norm.clamp_min(eps))  # onto the RMS ball
+    return (x + delta).clamp(0, 1).detach()
+
+
+def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int):
+    """n training images (n, 3, 64, 64) in [0, 1] and their true captions: ODD_P of them drawn
+    wrongly (toyworld.render_odd), all mildly corrupted, each captioned with what the evaluator
+    reads in it (toyworld.describe); a picture that reads as its scene gets the scene's prompt,
+    so spatial scenes keep their relation word."""
+    scenes = [train_scene(rng) for _ in range(n)]
+    odd = rng.random(n) < ODD_P
+    pics = [tw.render_odd(s, str(rng.choice(tw.ODD_KINDS)), rng) if o else tw.render(s)
+            for s, o in zip(scenes, odd)]
+    x = corrupt(tw.to_float(np.stack(pics)), g)
+    caps = []
+    for s, img in zip(scenes, tw.to_uint8(x)):
+        text = tw.describe(img, rng)
+        same = sorted(text.split(" and ")) == sorted(f"a {o.colour} {o.shape}" for o in s.objects)
+        caps.append(tw.prompt(s) if same else text)
+    return x, caps
 
 
 def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
-    """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the
-    COMPLETE prompt of freshly rendered, corrupted scenes."""
+    """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
+    caption of each picture (captioner_batch), and makes the gradient of that score semantic:
+    - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
+      caption within RMS PGD_EPS, then trained on its true caption (re-read by the evaluator),
+      the standard way to get perceptually aligned input gradients;
+    - binding: on the clean images the true caption must beat its confusion (colours swapped
+      or one word changed) by MARGIN nats per token (a hinge)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
     model = blip(tok)
     cap = Captioner(model, tok)
+    k = int(PGD_P * BATCH["captioner"])
 
     def loss(i):
-        scenes = [train_scene(rng) for _ in range(BATCH["captioner"])]
-        x = corrupt(images(scenes) / 2 + 0.5, g)  # caption_logprob takes [0, 1]
-        return -caption_logprob(cap, x, [tw.prompt(s) for s in scenes]).mean()
+        x, caps = captioner_batch(rng, g, BATCH["captioner"])
+        wrong = [confuse(c, rng) for c in caps]
+        model.eval()  # no dropout in the ascent (BLIP's default config has none anyway)
+        adv = ascend(cap, x[:k], wrong[:k], PGD_EPS * float(rng.uniform(0.5, 1.5)), PGD_STEPS)
+        model.train()
+        adv_caps = [c if tw.describe(b) == tw.describe(a) else tw.describe(b, rng)
+                    for a, b, c in zip(tw.to_uint8(x[:k]), tw.to_uint8(adv), caps[:k])]
+        right = caption_logprob(cap, torch.cat([x, adv]), caps + adv_caps)  # (B + k,)
+        confused = caption_logprob(cap, x[k:], wrong[k:])
+        hinge = F.relu(MARGIN - (right[k:len(x)] - confused))
+        return -right.mean() + hinge.mean()
     optimise(model.parameters(), steps, 5e-4, loss, "captioner")
     return model.eval()
 
@@ -259,32 +329,62 @@ def plan(budget_minutes: float) -> dict[str, int]:
     return {k: max(1, int(SHARE[k] * budget_minutes * 60 / SEC_PER_STEP[k])) for k in SHARE}
 
 
-def build(out: str = "toy", seed: int = 0, budget_minutes: float = 60.0,
-          steps: dict | None = None, pool: int = LATENT_POOL) -> str:
-    """Train all four models and write the folder `out` atomically (built in a temp folder, then
-    renamed over any previous one). `steps` overrides plan(budget_minutes) per model."""
+def build(out: str = "toy", seed: int = 0, budget_minutes: float = BUDGET_MINUTES,
+          steps: dict | None = None, pool: int = LATENT_POOL, only: tuple = STAGES) -> str:
+    """Train the models of the stages in `only` and write the folder `out` atomically (built in
+    a temp folder, then renamed over any previous one); a stage left out is copied from the
+    existing `out`. `steps` overrides plan(budget_minutes) per model."""
     steps = {**plan(budget_minutes), **(steps or {})}
-    print(f"toy build: steps {steps} (seed {seed})")
+    assert set(only) <= set(STAGES), f"stages are {STAGES}"
+    print(f"toy build: stages {list(only)}, steps {steps} (seed {seed})")
+    kept = [p for stage, parts in (("base", ("unet", "vae", "text_encoder", "tokenizer")),
+                                   ("captioner", ("captioner",))) if stage not in only
+            for p in parts]
+    for p in kept:
+        if not os.path.isdir(os.path.join(out, p)):
+            raise SystemExit(f"error: {out}/{p} missing: build its stage too (--only)")
     tmp = f"{out}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    vae = train_vae(steps["vae"], seed)
-    scenes, latents, scale = encode_pool(vae, min(pool, 4 * steps["unet"] * BATCH["unet"]), seed)
-    vae.cfg = dataclasses.replace(vae.cfg, scale=scale)  # read by sample.decode
-    unet, tok, enc = train_unet(scenes, latents, steps["unet"], seed)
-    save_part(os.path.join(tmp, "unet"), unet_json(UNET_CFG, 16), unet)
-    save_part(os.path.join(tmp, "vae"), vae_json(vae.cfg, tw.SIZE), vae)
-    copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
-    tok.save_pretrained(os.path.join(tmp, "tokenizer"))
-    cap_dir = os.path.join(tmp, "captioner")
-    os.makedirs(cap_dir)
-    btok = blip_tokenizer(cap_dir)
-    model = train_captioner(btok, steps["captioner"], seed)
-    model.half().save_pretrained(cap_dir)
-    btok.save_pretrained(cap_dir)
+    for p in kept:
+        shutil.copytree(os.path.join(out, p), os.path.join(tmp, p))
+    if "base" in only:
+        vae = train_vae(steps["vae"], seed)
+        scenes, latents, scale = encode_pool(vae, min(pool, 4 * steps["unet"] * BATCH["unet"]),
+                                             seed)
+        vae.cfg = dataclasses.replace(vae.cfg, scale=scale)  # read by sample.decode
+        unet, tok, enc = train_unet(scenes, latents, steps["unet"], seed)
+        save_part(os.path.join(tmp, "unet"), unet_json(UNET_CFG, 16), unet)
+        save_part(os.path.join(tmp, "vae"), vae_json(vae.cfg, tw.SIZE), vae)
+        copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
+        tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+    if "captioner" in only:
+        cap_dir = os.path.join(tmp, "captioner")
+        os.makedirs(cap_dir)
+        btok = blip_tokenizer(cap_dir)
+        model = train_captioner(btok, steps["captioner"], seed)
+        model.half().save_pretrained(cap_dir)
+        btok.save_pretrained(cap_dir)
     old = f"{out}.old{os.getpid()}"
     if os.path.exists(out):
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+def main(argv=None):
+    """`python toybuild.py [--minutes M] [--out DIR] [--seed S] [--only base,captioner]`."""
+    import argparse
+    ap = argparse.ArgumentParser(description="Build the toy world's base model and captioner.")
+    ap.add_argument("--minutes", type=float, default=BUDGET_MINUTES, help="budget on 2 CPU cores")
+    ap.add_argument("--out", default="toy", help="folder (default toy)")
+    ap.add_argument("--seed", type=int, default=0, help="training seed")
+    ap.add_argument("--only", default=",".join(STAGES),
+                    help="stages to (re)build; the others are kept from --out")
+    a = ap.parse_args(argv)
+    print(f"wrote {build(a.out, a.seed, a.minutes, only=tuple(a.only.split(',')))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -187,7 +187,9 @@ class Found(NamedTuple):
     cy: float
     size: float
     area: int
-    clean: bool    # a palette shape as rendered (see detect)
+    clean: bool    # a palette shape as rendered: pure and fits (see detect)
+    pure: bool = True   # one palette colour (else a blend: "mixed" in describe)
+    fits: bool = True   # a template shape of a world size (else "blob" in describe)
 
 
 def components(img: np.ndarray) -> list[np.ndarray]:
@@ -215,9 +217,10 @@ def detect(img: np.ndarray) -> list[Found]:
         shape, iou, (cx, cy, size) = fit(comp)
         ys, xs = np.nonzero(comp)
         side = max(np.ptp(xs), np.ptp(ys)) + 1  # longest bounding-box side
-        clean = pure >= CLEAN_PURE and MIN_SIDE - 2 <= side <= MAX_SIDE + 2 and iou >= CLEAN_IOU
+        pure = bool(pure >= CLEAN_PURE)
+        fits = bool(MIN_SIDE - 2 <= side <= MAX_SIDE + 2 and iou >= CLEAN_IOU)
         out.append(Found(list(COLOURS)[k], shape, float(cx), float(cy), float(size),
-                         int(comp.sum()), bool(clean)))
+                         int(comp.sum()), pure and fits, pure, fits))
     return out
 
 
@@ -238,6 +241,104 @@ def score(img: np.ndarray, text: str) -> dict:
     return dict(correct=bool(matches) and not extra and relation_ok is not False,
                 objects_ok=bool(matches), relation_ok=relation_ok, extra=extra,
                 clean=1 <= len(found) <= 2 and all(f.clean for f in found), n=len(found))
+
+
+# --- What a drifting generator draws, and what is truly there ---
+# The captioner's language is richer than the prompts': it names what the evaluator reads, so a
+# picture that is not a clean world scene is described as what it is (a blend is "mixed", a
+# melted or merged shape a "blob", a third shape is named, speckles are "noise") and the prompt
+# loses probability on it. Without these words a captioner has no true description to move its
+# probability to, and an optimiser finds arbitrary highs of the prompt (README: reward hacking).
+ODD_WORDS = ("mixed", "blob", "with", "noise")
+ODD_KINDS = ("blend", "melt", "merge", "duplicate", "noise")
+SPECKS = 20  # foreground pixels in specks (components under MIN_AREA) that make "with noise"
+MAX_NAMED = 4  # shapes named in a description, largest first (prefix + 4 shapes < 32 tokens)
+
+
+def describe(img: np.ndarray, rng: np.random.Generator | None = None) -> str:
+    """The evaluator's reading of a (64, 64, 3) uint8 image as a caption: each component "a
+    {colour | mixed} {shape | blob}", joined by "and" (in random order when rng is given), then
+    "with noise" when specks cover SPECKS px. A clean one- or two-shape render reads as its
+    "and"-prompt; a blank image as ""."""
+    found = sorted(detect(img), key=lambda f: -f.area)[:MAX_NAMED]
+    order = rng.permutation(len(found)) if rng is not None else range(len(found))
+    words = [f"a {f.colour if f.pure else 'mixed'} {f.shape if f.fits else 'blob'}"
+             for f in (found[i] for i in order)]
+    fg = (255 - img.astype(np.int16)).max(-1) > INK
+    specks = int(fg.sum()) - sum(int(c.sum()) for c in components(img))
+    text = " and ".join(words)
+    if specks >= SPECKS:
+        text = f"{text} with noise" if text else "noise"
+    return text
+
+
+def _free_box(boxes, s, rng, tries=50):
+    """A random s x s box GAP apart from every box in boxes, or None."""
+    for _ in range(tries):
+        x0, y0 = (int(v) for v in rng.integers(0, SIZE - s + 1, size=2))
+        if all(x0 + s + GAP <= a or c + GAP <= x0 or y0 + s + GAP <= b or d + GAP <= y0
+               for a, b, c, d in boxes):
+            return x0, y0
+    return None
+
+
+def render_odd(scene: Scene, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """A scene drawn wrongly in one of ODD_KINDS, (64, 64, 3) uint8: what a drifting or weak
+    generator makes of a prompt. blend: one shape's colour is a mix or a gradient of two palette
+    colours; melt: one shape's mask is warped by a smooth random field; merge: a second shape
+    overlaps the first (one component, often two colours); duplicate: an extra shape, a copy of
+    one in the scene or a random one; noise: speckles and Gaussian noise over the render."""
+    assert kind in ODD_KINDS, kind
+    objs = list(scene.objects)
+    i = int(rng.integers(len(objs)))
+    img = np.full((SIZE, SIZE, 3), 255.0)
+    if kind == "merge":  # move (or add) a second shape onto the first, centres 40-90% apart
+        o = objs[i]
+        other = objs[1 - i] if len(objs) == 2 else Obj(str(rng.choice(list(COLOURS))),
+                                                       str(rng.choice(SHAPES)))
+        s = float(rng.integers(MIN_SIDE, MAX_SIDE + 1))
+        d, a = (o.size + s) / 2 * rng.uniform(0.4, 0.9), rng.uniform(0, 2 * np.pi)
+        cx = float(np.clip(o.cx + d * np.cos(a), s / 2, SIZE - s / 2))
+        cy = float(np.clip(o.cy + d * np.sin(a), s / 2, SIZE - s / 2))
+        objs = [o, other._replace(cx=cx, cy=cy, size=s)]
+    if kind == "duplicate":
+        boxes = [(o.cx - o.size / 2, o.cy - o.size / 2, o.cx + o.size / 2, o.cy + o.size / 2)
+                 for o in objs]
+        s = int(rng.integers(MIN_SIDE, MAX_SIDE + 1))
+        at = _free_box(boxes, s, rng)
+        if at is not None:
+            src = objs[i] if rng.random() < 0.5 else Obj(str(rng.choice(list(COLOURS))),
+                                                         str(rng.choice(SHAPES)))
+            objs.append(src._replace(cx=at[0] + s / 2, cy=at[1] + s / 2, size=float(s)))
+    for j, o in enumerate(objs):
+        m = shape_mask(o.shape, o.cx, o.cy, o.size)
+        colour = np.array(COLOURS[o.colour], dtype=np.float64)
+        if kind == "melt" and j == i:  # nearest-pixel lookup through a smooth displacement
+            amp = rng.uniform(3, 7)
+            f = torch.nn.functional.interpolate(torch.from_numpy(rng.uniform(-1, 1, (1, 2, 3, 3))),
+                                                size=(SIZE, SIZE), mode="bicubic")[0].numpy()
+            py, px = np.mgrid[0:SIZE, 0:SIZE]
+            ys = np.clip(np.round(py + amp * f[0]), 0, SIZE - 1).astype(int)
+            xs = np.clip(np.round(px + amp * f[1]), 0, SIZE - 1).astype(int)
+            m = m[ys, xs]
+        if kind == "blend" and j == i:
+            second = PALETTE[int(rng.integers(len(PALETTE)))]
+            if rng.random() < 0.5:  # a uniform mix
+                colour = colour + rng.uniform(0.3, 0.7) * (second - colour)
+            else:  # a gradient across the shape, along a random direction
+                py, px = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+                a = rng.uniform(0, 2 * np.pi)
+                t = ((px - o.cx) * np.cos(a) + (py - o.cy) * np.sin(a)) / o.size + 0.5
+                colour = colour + np.clip(t, 0, 1)[..., None] * (second - colour)
+                img[m] = colour[m]
+                continue
+        img[m] = colour
+    if kind == "noise":
+        for _ in range(int(rng.integers(15, 60))):  # 1-3 px specks of palette colours
+            s, (y, x) = int(rng.integers(1, 4)), rng.integers(0, SIZE - 3, size=2)
+            img[y:y + s, x:x + s] = PALETTE[int(rng.integers(len(PALETTE)))]
+        img = img + rng.normal(0, rng.uniform(0, 40), img.shape)
+    return np.clip(np.round(img), 0, 255).astype(np.uint8)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -287,56 +388,75 @@ def _eval_prompts() -> dict[str, list[str]]:
 
 
 EVAL_PROMPTS = _eval_prompts()
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt")
 
 
-def evaluate(generate_fn, seeds) -> dict[str, float]:
+def _val_prompts() -> dict[str, list[str]]:
+    """The validation split that training settings are chosen on (README: toy world): 24
+    two-object and 24 spatial prompts of the training style (two different colours and shapes),
+    neither evaluation prompts nor in prompts.txt, drawn with seed 1. No one-object split: all 18
+    one-object prompts are evaluation prompts."""
+    rng, names = np.random.default_rng(1), list(COLOURS)
+    with open(PROMPTS_FILE, encoding="utf-8") as f:
+        taken = {ln.strip() for ln in f} | {p for ps in EVAL_PROMPTS.values() for p in ps}
+    out = {"two": [], "spatial": []}
+    for cat, rel, n in [("two", None, 24)] + [("spatial", r, 6) for r in RELATIONS]:
+        start = len(out[cat])
+        while len(out[cat]) < start + n:
+            (c1, c2), (s1, s2) = rng.permutation(names)[:2], rng.permutation(SHAPES)[:2]
+            p = prompt(Scene((Obj(c1, s1), Obj(c2, s2)), rel))
+            if p not in out[cat] and p not in taken:
+                out[cat].append(p)
+    return out
+
+
+VAL_PROMPTS = _val_prompts()
+
+
+def evaluate(generate_fn, seeds, prompts: dict = EVAL_PROMPTS) -> dict[str, float]:
     """Accuracy per category (share of correct images over prompts x seeds), overall (the mean
-    of the three categories, each counting equally), fidelity (share of clean images) and
-    missing (share of two-object and spatial images with fewer than two shapes).
-    generate_fn(prompts, seed) -> images (B, 3, 64, 64) in [0, 1]."""
+    of the categories, each counting equally), fidelity (share of clean images) and missing
+    (share of two-object and spatial images with fewer than two shapes).
+    generate_fn(prompts, seed) -> images (B, 3, 64, 64) in [0, 1]; prompts: {category: list}."""
     out, cleans, missing = {}, [], []
-    bar = tqdm(total=len(EVAL_PROMPTS) * len(seeds), desc="eval", leave=False)
-    for cat, prompts in EVAL_PROMPTS.items():
+    bar = tqdm(total=len(prompts) * len(seeds), desc="eval", leave=False)
+    for cat, texts in prompts.items():
         hits = []
         for seed in seeds:
             bar.update()
-            for img, p in zip(to_uint8(generate_fn(prompts, seed)), prompts):
+            for img, p in zip(to_uint8(generate_fn(texts, seed)), texts):
                 r = score(img, p)
                 hits.append(r["correct"])
                 cleans.append(r["clean"])
                 if cat != "one":
                     missing.append(r["n"] < 2)
         out[cat] = float(np.mean(hits))
-    out["overall"] = float(np.mean([out[c] for c in EVAL_PROMPTS]))
+    out["overall"] = float(np.mean([out[c] for c in prompts]))
     out["fidelity"] = float(np.mean(cleans))
     out["missing"] = float(np.mean(missing))
     return out
 
 
 def main(argv=None):
-    """`python toyworld.py build [--minutes M] [--out DIR] [--seed S]`: train the toy base model
-    (VAE, text encoder + UNet, captioner) from scratch into a diffusers-layout folder.
-    `python toyworld.py eval [--model M] [--lora F | --unet F] [--seeds N] [--out F.json]`:
-    score any model sample.py loads on EVAL_PROMPTS; --out also gets a PNG of seed 0."""
+    """`python toyworld.py eval [--model M] [--lora F | --unet F] [--seeds N] [--split S]
+    [--out F.json]`: score any model sample.py loads on EVAL_PROMPTS (or on VAL_PROMPTS, the
+    split that training settings are chosen on); --out also gets a PNG of seed 0.
+    (The base model is built by `python toybuild.py`, which imports this module, not the reverse.)"""
     import argparse
     import json
 
-    ap = argparse.ArgumentParser(description="Toy world: build the base model, or evaluate one.")
-    ap.add_argument("command", choices=["build", "eval"])
-    ap.add_argument("--minutes", type=float, default=60.0, help="build: budget on 2 CPU cores")
-    ap.add_argument("--out", help="build: folder (default toy); eval: JSON file for the scores")
-    ap.add_argument("--seed", type=int, default=0, help="build: training seed")
-    ap.add_argument("--model", default="toy", help="eval: any model sample.py loads")
-    ap.add_argument("--lora", help="eval: LoRA weights to merge")
-    ap.add_argument("--unet", help="eval: fine-tuned UNet weights")
-    ap.add_argument("--seeds", type=int, default=4, help="eval: seeds 0..N-1 per prompt")
-    ap.add_argument("--steps", type=int, default=30, help="eval: DDIM steps")
-    ap.add_argument("--cfg", type=float, default=7.5, help="eval: guidance scale")
+    ap = argparse.ArgumentParser(description="Toy world: evaluate a model.")
+    ap.add_argument("command", choices=["eval"])
+    ap.add_argument("--out", help="JSON file for the scores")
+    ap.add_argument("--model", default="toy", help="any model sample.py loads")
+    ap.add_argument("--lora", help="LoRA weights to merge")
+    ap.add_argument("--unet", help="fine-tuned UNet weights")
+    ap.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
+    ap.add_argument("--split", choices=["eval", "val"], default="eval",
+                    help="eval: the fixed evaluation prompts; val: the validation prompts")
+    ap.add_argument("--steps", type=int, default=30, help="DDIM steps")
+    ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
     a = ap.parse_args(argv)
-    if a.command == "build":
-        import toybuild  # the trainings live there; imported here because it imports this module
-        print(f"wrote {toybuild.build(a.out or 'toy', a.seed, a.minutes)}")
-        return
     import sample  # imports torch models; the world itself does not need them
     import viz
     pipe = sample.load_or_exit(a.model, a.unet, a.lora)
@@ -347,12 +467,14 @@ def main(argv=None):
         if seed == 0:
             first.append(images)
         return images
-    scores = evaluate(generate, range(a.seeds))
+    prompts = EVAL_PROMPTS if a.split == "eval" else VAL_PROMPTS
+    scores = evaluate(generate, range(a.seeds), prompts)
     print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
     if a.out:
         os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
         with open(a.out + ".tmp", "w") as f:
             json.dump({"model": a.model, "lora": a.lora, "unet": a.unet, "seeds": a.seeds,
+                       "split": a.split,
                        "steps": a.steps, "cfg": a.cfg, **scores}, f, indent=1)
         os.replace(a.out + ".tmp", a.out)
         viz.save_images(torch.cat(first), os.path.splitext(a.out)[0] + ".png", cols=6)

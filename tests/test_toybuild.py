@@ -50,6 +50,65 @@ def test_same_seed_same_weights(built, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
 
 
+def test_rebuilding_one_stage_keeps_the_others(built, tmp_path):
+    out = str(tmp_path / "toy")
+    with pytest.raises(SystemExit, match="missing"):  # nothing to keep the base model from
+        tb.build(out, seed=1, steps=FEW, only=("captioner",))
+    assert not os.path.exists(out) and not os.listdir(tmp_path)  # no temp folder left behind
+    import shutil
+    shutil.copytree(built, out)
+    tb.build(out, seed=1, steps=FEW, only=("captioner",))
+    for d in ("unet", "vae", "text_encoder", "captioner"):
+        f = [x for x in os.listdir(os.path.join(out, d)) if x.endswith(".safetensors")][0]
+        a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
+        same = all(torch.equal(a[k], b[k]) for k in a)
+        assert same == (d != "captioner"), d  # only the captioner was retrained (seed 1)
+
+
+def test_confusions_are_one_edit_away():
+    rng = np.random.default_rng(0)
+    for text in ["a red circle", "a red circle and a blue square",
+                 "a green triangle to the left of a green square"]:
+        for _ in range(20):
+            wrong = tb.confuse(text, rng)
+            a, b = text.split(), wrong.split()
+            diff = [i for i in range(len(a)) if a[i] != b[i]]
+            assert len(a) == len(b) and 1 <= len(diff) <= 2, wrong
+            if len(diff) == 2:  # a colour swap
+                assert a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+                assert a[diff[0]] in tw.COLOURS
+            assert tw.parse_prompt(wrong)  # still in the grammar
+
+
+def test_ascent_stays_in_budget_and_raises_the_target():
+    cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
+    rng = np.random.default_rng(0)
+    one = [tw.sample_scene(rng, "one") for i in range(3)]
+    x = tw.to_float(np.stack([tw.render(s) for s in one]))
+    target = [tb.confuse(tw.prompt(s), rng) for s in one]  # a wrong prompt: room to rise
+    adv = tb.ascend(cap, x, target, eps=0.05, steps=5)
+    rms = (adv - x).pow(2).mean((1, 2, 3)).sqrt()
+    assert (rms <= 0.05 + 1e-6).all() and adv.min() >= 0 and adv.max() <= 1
+    before = captioner.caption_logprob(cap, x, target)
+    after = captioner.caption_logprob(cap, adv, target)
+    assert (after > before).all()
+    assert all(p.grad is None for p in cap.model.parameters())  # the weights are untouched
+
+
+def test_captioner_batches_are_captioned_with_what_is_there():
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    x, caps = tb.captioner_batch(rng, g, 64)
+    assert x.shape == (64, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
+    words = {w for c in caps for w in c.split()}
+    assert words <= set(tb.WORDS) | set(tw.ODD_WORDS)
+    assert {"mixed", "blob"} <= words  # off-grammar pictures are in every batch of this size
+    def reading(t):  # shapes in any order, noise or not
+        return sorted(t.removesuffix(" with noise").split(" and ")), t.endswith("noise")
+    for img, c in zip(tw.to_uint8(x), caps):
+        if not any(r in c for r in tw.RELATIONS):  # a spatial prompt is the scene's own
+            assert reading(c) == reading(tw.describe(img)), c
+
+
 def test_configs_round_trip_through_the_loader():
     assert weights.unet_config_from_diffusers(tb.unet_json(tb.UNET_CFG, 16)) == tb.UNET_CFG
     assert weights.vae_config_from_diffusers(tb.vae_json(tb.VAE_CFG, 64)) == tb.VAE_CFG
