@@ -25,6 +25,7 @@ from transformers import (AutoProcessor, AutoTokenizer, BlipForQuestionAnswering
                           GroundingDinoForObjectDetection)
 
 import segment
+import toyworld as tw
 import viz
 from sample import default_size, generate, load_or_exit
 
@@ -145,10 +146,12 @@ def pixels(image, size: int, crop: bool):
     return (x.permute(2, 0, 1).float() / 255 - MEAN) / STD
 
 
-def yes_prob(model, tok, x, qs, owner):
-    """P(yes) / (P(yes) + P(no)) at the first answer step, the benchmark's vqa_prob: images x
-    (B, 3, S, S), questions qs about images owner (Q,) -> (Q,). Not generation, not ranking."""
+def yes_logit(model, tok, x, qs, owner):
+    """logit(yes) - logit(no) at the first answer step, the benchmark's vqa_prob before its
+    softmax over two: images x (B, 3, S, S), questions qs about images owner (Q,) -> (Q,)."""
     dec = model.config.text_config.bos_token_id  # [DEC] (30522) starts the answer
+    # BLIP appends [DEC] and then [ENC] (30523) to BERT's vocabulary; questions start with [ENC]
+    assert model.config.text_config.vocab_size == dec + 2, "[DEC], [ENC] must be the last ids"
     yes, no = tok.convert_tokens_to_ids(["yes", "no"])
     img = model.vision_model(x, interpolate_pos_encoding=True).last_hidden_state  # (B, 1+P, D)
     ids = [tok(pre_question(q), truncation=True, max_length=35).input_ids for q in qs]
@@ -157,13 +160,18 @@ def yes_prob(model, tok, x, qs, owner):
     # encoder_attention_mask (5.x), so padded question states would leak into the answer
     for n in sorted({len(i) for i in ids}):
         sel = [j for j, i in enumerate(ids) if len(i) == n]
-        # BLIP adds [DEC] and then [ENC] (30523) to BERT's vocabulary; questions start with [ENC]
         q = torch.tensor([[dec + 1] + ids[j][1:] for j in sel], device=x.device)  # (b, n)
         h = model.text_encoder(q, encoder_hidden_states=img[[owner[j] for j in sel]])[0]
         start = torch.full((len(sel), 1), dec, device=x.device)
         z = model.text_decoder(start, encoder_hidden_states=h).logits[:, 0]  # (b, V)
-        out[sel] = torch.sigmoid(z[:, yes].float() - z[:, no].float())  # = softmax over 2
+        out[sel] = z[:, yes].float() - z[:, no].float()
     return out
+
+
+def yes_prob(model, tok, x, qs, owner):
+    """P(yes) / (P(yes) + P(no)) = sigmoid(yes_logit): the benchmark's answer, not generation,
+    not ranking."""
+    return torch.sigmoid(yes_logit(model, tok, x, qs, owner))
 
 
 def blip_vqa(model, tok, size=480):
@@ -356,6 +364,15 @@ def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, 
 # --- CLI ---
 
 
+def val_prompts(data, category):
+    """{category}_val.txt of the benchmark's dataset folder; data "toy": the toy world's 24
+    held-out two-object prompts (color only: the toy's shapes are its nouns, not attributes)."""
+    if data == "toy":
+        assert category == "color", f"--data toy has color prompts only, not {category}"
+        return tw.EVAL_PROMPTS["two"]
+    return read_lines(os.path.join(data, f"{category}_val.txt"))
+
+
 def read_lines(path):
     """A benchmark prompt file (CRLF, no final newline): stripped non-empty lines."""
     if not os.path.isfile(path):
@@ -379,7 +396,7 @@ def load_scorers(a, categories) -> Scorers:
     need = lambda name: bool(set(NEEDS[name]) & set(categories))  # noqa: E731
     vqa = cosine = detect = None
     if need("blip"):
-        model = load(BlipForQuestionAnswering, a.blip).to(a.device).eval()
+        model = load(BlipForQuestionAnswering, a.blip).to(a.device, torch.float32).eval()
         vqa = blip_vqa(model, load(AutoTokenizer, a.blip), a.blip_size)
     if need("clip"):
         cosine = clip_cosine(load(CLIPModel, a.clip).to(a.device).eval(),
@@ -421,7 +438,7 @@ def main(argv=None):
         assert set(cats) <= set(CATEGORIES), f"--categories: choose from {', '.join(CATEGORIES)}"
         assert a.data or not (a.model or "complex" in cats), "--data is needed to generate or " \
             "to route complex prompts"
-        val = {c: read_lines(os.path.join(a.data, f"{c}_val.txt")) for c in cats} if a.model else {}
+        val = {c: val_prompts(a.data, c) for c in cats} if a.model else {}
         types = ((), ())
         if "complex" in cats:
             types = tuple({ln.split(".")[0].lower() for ln in
