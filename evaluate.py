@@ -1,13 +1,9 @@
-"""T2I-CompBench, scored the way the benchmark scores it: BLIP-VQA for colour, shape and texture,
-a detector and a position rule for spatial, CLIP for non-spatial, their "3-in-1" mix for complex.
-
-Source: Karine-Huang/T2I-CompBench (MIT) at 1b70949, spec ../shared/spec/t2i-compbench.md. Each
-metric is the benchmark's own rule on transformers models from local folders. Deviations: the
-detector is Grounding-DINO, not UniDet (spec 2), so spatial numbers are not comparable with
-published ones; noun chunks and POS tags come from spaCy's en_core_web_sm only when it is
-installed, else from segment.py's rule-based chunker.
-Layout: OUT/{category}/samples/{prompt}_{NNNNNN}.png, index = prompt * 10 + k, image k from seed
-42 + k; results in OUT/{category}/annotation_blip/vqa_result.json etc., the benchmark's fields.
+"""T2I-CompBench as the benchmark scores it (Karine-Huang/T2I-CompBench 1b70949, MIT; spec
+../shared/spec/t2i-compbench.md): BLIP-VQA for colour, shape, texture; a detector and a position
+rule for spatial; CLIP for non-spatial; their 3-in-1 mix for complex. Models from local folders.
+Deviations: Grounding-DINO, not UniDet (spatial is not comparable with published numbers); spaCy's
+en_core_web_sm only when installed, else segment.py's rule-based chunker.
+Layout: OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k, seed 42 + k).
 Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset --model toy
     --blip blip-vqa-capfilt-large --clip clip-vit-base-patch32 --dino grounding-dino-tiny
 """
@@ -39,14 +35,6 @@ OUT = {"blip": "annotation_blip", "spatial": "labels/annotation_obj_detection_2d
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
 
-# --- the benchmark's folder layout ---
-
-
-def image_name(prompt: str, index: int) -> str:
-    """samples/ file name; every scorer reads the prompt back as the text before the first '_'."""
-    assert "_" not in prompt and "/" not in prompt, f"prompt with '_' or '/': {prompt!r}"
-    return f"{prompt}_{index:06d}.png"
-
 
 def read_samples(folder: str) -> list[tuple[str, str]]:
     """(prompt, path) per image of folder/samples in index order; the index must be 0..N-1 (#17)."""
@@ -73,16 +61,13 @@ def write_result(folder: str, sub: str, answers: list) -> float:
 
 
 # --- prompt analysis: spaCy's en_core_web_sm if installed, else segment.py's chunker ---
-
-
 class Parsed(NamedTuple):
     tokens: list[tuple[str, str]]  # (text, coarse POS): NOUN, ADJ, PROPN (spaCy only), or other
     chunks: list[str]              # noun chunks' text, case kept ("a green bench")
 
 
 def analyse(prompt: str, nlp=None) -> Parsed:
-    """Tokens and noun chunks. By rule, a chunk's last word is its NOUN and segment.ADJ's words
-    are ADJ: that is what the benchmark reads from spaCy's tags."""
+    """Tokens, noun chunks; the rules tag a chunk's last word NOUN and segment.ADJ's words ADJ."""
     if nlp is not None:
         doc = nlp(prompt)
         return Parsed([(t.text, t.pos_) for t in doc], [c.text for c in doc.noun_chunks])
@@ -96,19 +81,17 @@ def analyse(prompt: str, nlp=None) -> Parsed:
 
 def load_parser(kind: str):
     """spaCy's en_core_web_sm (the benchmark's parser) or None for the rule-based chunker."""
-    if kind == "rules":
-        return None
-    try:
-        import spacy
-        return spacy.load("en_core_web_sm")
-    except (ImportError, OSError):
-        if kind == "spacy":
-            raise ImportError("--parser spacy needs spacy and en_core_web_sm installed")
-        return None
+    if kind != "rules":
+        try:
+            import spacy
+            return spacy.load("en_core_web_sm")
+        except (ImportError, OSError):
+            if kind == "spacy":
+                raise ImportError("--parser spacy needs spacy and en_core_web_sm installed")
+    return None
 
 
 # --- BLIP-VQA (BLIPvqa_eval: colour, shape, texture, complex's attribute part) ---
-
 DROP = ("top", "the side", "the left", "the right")  # chunks the benchmark never asks about
 
 
@@ -124,8 +107,7 @@ def pre_question(q: str, max_words=50) -> str:
 
 
 def product(answers: list) -> str:
-    """An image's score: product over the slots, each answer already 4 decimals, an empty slot
-    (None) counts 1; float32 like the benchmark's tensor, stored with 4 decimals."""
+    """An image's score: float32 product of its 4-decimal answers (None, an empty slot: 1)."""
     r = torch.tensor(1.0)
     for a in answers:
         r = r * (1.0 if a is None else float(a))
@@ -133,8 +115,7 @@ def product(answers: list) -> str:
 
 
 def pixels(image, size: int, crop: bool):
-    """PIL -> normalised (3, size, size). crop=False: squash to size (BLIP's Resize((s, s)));
-    True: short side to size, then centre crop (CLIP's preprocess). Bicubic, as torchvision."""
+    """PIL -> normalised (3, size, size), bicubic: squashed (BLIP) or short side + crop (CLIP)."""
     w, h = image.size
     new = (size, size)
     if crop:  # torchvision Resize(int): the long side is int(size * long / short)
@@ -147,8 +128,8 @@ def pixels(image, size: int, crop: bool):
 
 
 def yes_logit(model, tok, x, qs, owner):
-    """logit(yes) - logit(no) at the first answer step, the benchmark's vqa_prob before its
-    softmax over two: images x (B, 3, S, S), questions qs about images owner (Q,) -> (Q,)."""
+    """logit(yes) - logit(no) at the first answer step (vqa_prob): images x (B, 3, S, S),
+    questions qs about images owner (Q,) -> (Q,)."""
     dec = model.config.text_config.bos_token_id  # [DEC] (30522) starts the answer
     # BLIP appends [DEC] and then [ENC] (30523) to BERT's vocabulary; questions start with [ENC]
     assert model.config.text_config.vocab_size == dec + 2, "[DEC], [ENC] must be the last ids"
@@ -169,14 +150,12 @@ def yes_logit(model, tok, x, qs, owner):
 
 
 def yes_prob(model, tok, x, qs, owner):
-    """P(yes) / (P(yes) + P(no)) = sigmoid(yes_logit): the benchmark's answer, not generation,
-    not ranking."""
+    """P(yes) / (P(yes) + P(no)): the benchmark's answer (not generation, not ranking)."""
     return torch.sigmoid(yes_logit(model, tok, x, qs, owner))
 
 
 def blip_vqa(model, tok, size=480):
-    """A scorer: vqa(images, questions, owner) -> [P(yes)] per question about images[owner], at
-    480 px as the benchmark (spec 1)."""
+    """A scorer: vqa(images, questions, owner) -> [P(yes)] per question about images[owner]."""
 
     @torch.no_grad()
     def vqa(images, qs, owner):
@@ -186,11 +165,8 @@ def blip_vqa(model, tok, size=480):
 
 
 # --- CLIP (CLIPScore_eval: non-spatial, complex's action part) ---
-
-
 def clip_cosine(model, tok):
-    """A scorer: cosine(images, texts) -> raw cosine per pair, ViT-B/32 at 224 px (not CLIPScore's
-    2.5 * max(0, .), not x100)."""
+    """A scorer: cosine(images, texts) -> raw cosine per pair (not 2.5 * max(0, .), not x100)."""
     dev = model.device
 
     @torch.no_grad()
@@ -209,7 +185,6 @@ def clip_text(parsed: Parsed) -> str:
 
 
 # --- detection and the 2D spatial rule (UniDet_eval/2D_spatial_eval.py) ---
-
 RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of",
              "on the bottom of", "on the top of", "on top of")  # first substring found wins
 PREPOSITIONS = ("on top of", "on bottom of", "on the left", "on the right", "next to",
@@ -218,9 +193,8 @@ PERSON = ("girl", "boy", "man", "woman")  # UniDet's label for them is "person"
 
 
 def grounding_dino(model, processor, box_threshold=0.35, text_threshold=0.25):
-    """A scorer: detect(image, nouns) -> {noun: (score, xyxy box in the 479-px frame)} for the
-    best box of each noun found. UniDet saw images resized to short side 479 (max 480), and the
-    distance threshold 150 is in that frame's pixels."""
+    """A scorer: detect(image, nouns) -> {noun: (score, xyxy box)} for each noun's best box, in
+    UniDet's frame (short side 479, max 480), where the distance threshold 150 is measured."""
 
     @torch.no_grad()
     def detect(image, nouns):
@@ -265,8 +239,7 @@ def position(rel, b1, b2, iou_threshold=0.1, distance=150.0) -> float:
     union = (b1[2] - b1[0]) * (b1[3] - b1[1]) + (b2[2] - b2[0]) * (b2[3] - b2[1]) - inter
     iou = inter / union if union > 0 else 0.0
     if rel in ("next to", "on side of", "near"):
-        return 1.0 if abs(dx) < distance or abs(dy) < distance else distance / max(abs(dx),
-                                                                                   abs(dy))
+        return 1.0 if min(abs(dx), abs(dy)) < distance else distance / max(abs(dx), abs(dy))
     # "on top of" is in RELATIONS but not here: the benchmark scores it 0
     ok = {"on the left of": dx > 0 and abs(dx) > abs(dy), "on the right of": dx < 0 and
           abs(dx) > abs(dy), "on the top of": dy > 0 and abs(dy) > abs(dx),
@@ -275,8 +248,7 @@ def position(rel, b1, b2, iou_threshold=0.1, distance=150.0) -> float:
 
 
 def spatial_score(rel, found1, found2) -> float:
-    """0.25 conf1 + 0.25 conf2 + 0.5 position, or 0.25 conf of the one found; below 0.5 -> 0.
-    found = (score, box) or None."""
+    """0.25 conf1 + 0.25 conf2 + 0.5 position, or 0.25 conf of the one found (score, box)."""
     if found1 and found2:
         s = 0.25 * found1[0] + 0.25 * found2[0] + position(rel, found1[1], found2[1]) / 2
     else:
@@ -285,11 +257,9 @@ def spatial_score(rel, found1, found2) -> float:
 
 
 # --- complex: the 3-in-1 mix (3_in_1_eval/3_in_1.py) ---
-
-
 def three_in_one(prompt, blip, spatial, clip, spatial_keys, action_keys) -> float:
-    """Routing by prompt type, keyed on the lower-cased text before the first '.': spatial
-    prompts (BLIP + det) / 2, action prompts (BLIP + CLIP) / 2, the rest the mean of all three."""
+    """By type (lower-cased text before the first '.'): spatial (BLIP + det) / 2, action
+    (BLIP + CLIP) / 2, the rest the mean of all three."""
     key = prompt.split(".")[0].lower()
     if key in spatial_keys:
         return (spatial + float(blip)) * 0.5
@@ -299,8 +269,6 @@ def three_in_one(prompt, blip, spatial, clip, spatial_keys, action_keys) -> floa
 
 
 # --- scoring a folder, generating one ---
-
-
 class Scorers(NamedTuple):
     vqa: Callable | None     # blip_vqa(...), for color, shape, texture, complex
     cosine: Callable | None  # clip_cosine(...), for non_spatial, complex
@@ -308,8 +276,8 @@ class Scorers(NamedTuple):
 
 
 def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), batch=8) -> dict:
-    """Score folder/samples for one category, write its vqa_result.json files; metric -> mean.
-    types: the (spatial, action) prompt keys of complex_val_{spatial,action}.txt."""
+    """Score folder/samples, write the vqa_result.json files; metric -> mean. types: the
+    (spatial, action) prompt keys of complex_val_{spatial,action}.txt."""
     samples = read_samples(folder)
     parsed = {p: analyse(p, nlp) for p in {p for p, _ in samples}}
     res, complex_mode = {}, category == "complex"
@@ -342,12 +310,13 @@ def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), batch=8)
 
 def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, size=512,
                      batch=8):
-    """The benchmark's generation: image k of prompt i is samples/{prompt}_{i*n+k:06d}.png from
-    seed + k. Files already there are kept, so an interrupted run resumes."""
+    """Image k of prompt i: samples/{prompt}_{i*n+k:06d}.png from seed + k; existing files kept."""
+    bad = [p for p in prompts if "_" in p or "/" in p]  # scorers read the prompt up to the '_'
+    assert not bad, f"prompt with '_' or '/': {bad[0]!r}"
     os.makedirs(os.path.join(folder, "samples"), exist_ok=True)
     f, dev = pipe.vae.cfg.factor, pipe.unet.conv_in.weight.device
     for k in range(n):
-        todo = [(p, os.path.join(folder, "samples", image_name(p, i * n + k)))
+        todo = [(p, os.path.join(folder, "samples", f"{p}_{i * n + k:06d}.png"))
                 for i, p in enumerate(prompts)]
         todo = [(p, path) for p, path in todo if not os.path.exists(path)]
         g = torch.Generator().manual_seed(seed + k)  # one start latent per seed, any batching
@@ -362,11 +331,9 @@ def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, 
 
 
 # --- CLI ---
-
-
 def val_prompts(data, category):
-    """{category}_val.txt of the benchmark's dataset folder; data "toy": the toy world's 24
-    held-out two-object prompts (color only: the toy's shapes are its nouns, not attributes)."""
+    """{category}_val.txt; data "toy": the toy world's 24 held-out two-object prompts (color
+    only: the toy's shapes are its nouns, not attributes)."""
     if data == "toy":
         assert category == "color", f"--data toy has color prompts only, not {category}"
         return tw.EVAL_PROMPTS["two"]
@@ -374,45 +341,39 @@ def val_prompts(data, category):
 
 
 def read_lines(path):
-    """A benchmark prompt file (CRLF, no final newline): stripped non-empty lines."""
+    """A benchmark prompt file (CRLF, no final newline): its stripped non-empty lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
     return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
 
 
 def load_scorers(a, categories) -> Scorers:
-    """The scorer models each category needs, from local folders only (never a download)."""
-    for name, cats in NEEDS.items():
-        path = getattr(a, name)
-        if set(cats) & set(categories) and not (path and os.path.isdir(path)):
+    """The scorers the categories need, in fp32 as the benchmark, from local folders only."""
+    need = {name: sorted(set(cats) & set(categories)) for name, cats in NEEDS.items()}
+    for name, cats in need.items():
+        if cats and not (getattr(a, name) and os.path.isdir(getattr(a, name))):
             raise FileNotFoundError(f"--{name} must be a local model folder for "
-                                    f"{', '.join(sorted(set(cats) & set(categories)))}: {path}")
+                                    f"{', '.join(cats)}: {getattr(a, name)}")
 
     def load(cls, path):
         try:
-            return cls.from_pretrained(path, local_files_only=True)
+            m = cls.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:  # a folder in the wrong layout
             raise ValueError(f"{path}: not a {cls.__name__} folder ({str(e).splitlines()[0]})")
-    need = lambda name: bool(set(NEEDS[name]) & set(categories))  # noqa: E731
-    vqa = cosine = detect = None
-    if need("blip"):
-        model = load(BlipForQuestionAnswering, a.blip).to(a.device, torch.float32).eval()
-        vqa = blip_vqa(model, load(AutoTokenizer, a.blip), a.blip_size)
-    if need("clip"):
-        cosine = clip_cosine(load(CLIPModel, a.clip).to(a.device).eval(),
-                             load(AutoTokenizer, a.clip))
-    if need("dino"):
-        detect = grounding_dino(load(GroundingDinoForObjectDetection, a.dino).to(a.device).eval(),
-                                load(AutoProcessor, a.dino), a.box_threshold, a.text_threshold)
-    return Scorers(vqa, cosine, detect)
+        return m.to(a.device, torch.float32).eval() if isinstance(m, torch.nn.Module) else m
+    return Scorers(
+        blip_vqa(load(BlipForQuestionAnswering, a.blip), load(AutoTokenizer, a.blip),
+                 a.blip_size) if need["blip"] else None,
+        clip_cosine(load(CLIPModel, a.clip), load(AutoTokenizer, a.clip)) if need["clip"] else None,
+        grounding_dino(load(GroundingDinoForObjectDetection, a.dino), load(AutoProcessor, a.dino),
+                       a.box_threshold, a.text_threshold) if need["dino"] else None)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="T2I-CompBench scores (generate first if --model).")
     ap.add_argument("out", help="root: one benchmark folder per category, OUT/{category}/samples")
     ap.add_argument("--categories", default=",".join(CATEGORIES))
-    ap.add_argument("--data", help="the benchmark's examples/dataset ({category}_val.txt, "
-                    "complex_val_{spatial,action}.txt)")
+    ap.add_argument("--data", help="the benchmark's examples/dataset folder, or toy")
     ap.add_argument("--model", help="generate first: toy | diffusers folder | single file")
     ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors)")
@@ -428,8 +389,7 @@ def main(argv=None):
     ap.add_argument("--dino", help="Grounding-DINO folder (IDEA-Research/grounding-dino-tiny)")
     ap.add_argument("--box-threshold", type=float, default=0.35)
     ap.add_argument("--text-threshold", type=float, default=0.25)
-    ap.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto",
-                    help="noun chunks and POS tags: spaCy's en_core_web_sm if installed (auto)")
+    ap.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
@@ -440,10 +400,9 @@ def main(argv=None):
             "to route complex prompts"
         val = {c: val_prompts(a.data, c) for c in cats} if a.model else {}
         types = ((), ())
-        if "complex" in cats:
-            types = tuple({ln.split(".")[0].lower() for ln in
-                           read_lines(os.path.join(a.data, f"complex_val_{t}.txt"))}
-                          for t in ("spatial", "action"))
+        if "complex" in cats:  # prompt keys: the text before the first '.', lower-cased
+            types = [{ln.split(".")[0].lower() for ln in read_lines(os.path.join(
+                a.data, f"complex_val_{t}.txt"))} for t in ("spatial", "action")]
         scorers, nlp = load_scorers(a, cats), load_parser(a.parser)
         if a.model:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
