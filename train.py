@@ -15,8 +15,10 @@ import pickle
 import random
 import re
 import shutil
+import tempfile
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -25,6 +27,7 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import comat
+import plan
 import sample
 import toyworld
 import viz
@@ -71,6 +74,7 @@ class TrainConfig:
     max_nan: int = 5              # consecutive non-finite losses before stopping with a checkpoint
     resume: bool = False          # continue from out/latest
     export: bool = False          # also write out/unet.safetensors with the LoRA folded in
+    plan: str = ""                # fake: print memory, FLOPs, GPU time of a step, exit (plan.py)
 
 
 SDXL_DEFAULTS = dict(lr=2e-5, lr_d=5e-5, w_adv=0.5, batch=6)  # scripts/sdxl.sh
@@ -121,29 +125,49 @@ def save_checkpoint(out, step, unet, D, opt, opt_d, full):
 
 def main(argv=None):
     cfg, given = parse(argv)
+    if not cfg.plan:
+        return train(cfg, given)
+    # --plan fake | real: two steps of train() on random weights built from configs, on fake
+    # tensors (no memory: any size plans on a laptop) or real ones (the check of the estimate)
+    with plan.fake_mode() if cfg.plan == "fake" else nullcontext():
+        with plan.Tracker() as tracker, plan.flops() as counter:
+            return train(cfg, given, (tracker, counter, plan.rss()))
+
+
+def train(cfg, given, probe=None):
+    """The run; with probe = (plan.Tracker, FlopCounterMode, RSS at start) (--plan) it stops after
+    two steps and returns plan.report's numbers."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and cfg.plan != "fake"  # fake tensors live on the CPU
     if world > 1:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (cuda or cfg.plan == "fake"))
     dtype = torch.bfloat16 if bf16 else torch.float32
 
     # --- data and frozen models ---
     prompts = sample.read_prompts(cfg.prompts)
-    pipe = load(cfg.model, device, dtype)
+    pipe = plan.pipeline(cfg.model, device, dtype) if cfg.plan else load(cfg.model, device, dtype)
     toy = cfg.model == "toy"
     if pipe.sdxl or toy:  # the official SDXL script's values or the toy's, unless given
         preset = TOY_DEFAULTS if toy else SDXL_DEFAULTS
         cfg = replace(cfg, **{k: v for k, v in preset.items() if k not in given})
+    plan_T, plan_steps = cfg.total_steps, cfg.steps
+    if cfg.plan:  # two steps; T = K denoising steps has the graph and memory of T = 50 (README)
+        cfg = replace(cfg, steps=2, total_steps=cfg.grad_steps, every=10**9,
+                      out=tempfile.mkdtemp(prefix="plan-"))
     detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
     f = pipe.vae.cfg.factor
     if cfg.size % f or cfg.size < 4 * f:
         raise SystemExit(f"error: --size must be a multiple of {f} and at least {4 * f}")
-    if not cfg.captioner:
+    if not cfg.captioner and not cfg.plan:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
-    cap = load_captioner(cfg.captioner, device, dtype)
-    seg = grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam else None
+    if cfg.plan:  # BLIP-large unless a folder is given; random masks, every object found
+        cap, seg = plan.captioner(cfg.captioner, device, dtype), plan.masks
+    else:
+        cap = load_captioner(cfg.captioner, device, dtype)
+        seg = (grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam
+               else None)
     seg = toyworld.segment_shapes if toy and not seg else seg  # the toy's shape masks
     seg = seg if cfg.w_tok or cfg.w_pix else None  # weights 0: skip maps and masks altogether
     if seg is None and rank == 0:
@@ -229,6 +253,8 @@ def main(argv=None):
     def batch_of(step):
         """This rank's prompt indices at `step`: a seeded permutation per epoch, so resuming or
         changing the number of processes sees the same global batches."""
+        if cfg.plan:  # fake tensors hold no values to draw an order from
+            return [j % len(prompts) for j in range(cfg.batch)]
         idx, first = [], (step * world + rank) * cfg.batch
         for j in range(first, first + cfg.batch):  # j: position in the endless shuffled stream
             g = torch.Generator().manual_seed(cfg.seed + j // len(prompts))  # one order per epoch
@@ -238,7 +264,7 @@ def main(argv=None):
     # --- the discriminator's "real" latents: the frozen base model on the same prompts ---
     os.makedirs(cfg.out, exist_ok=True)
     real_path = os.path.join(cfg.out, "real_latents.safetensors")
-    cache = cfg.real == "cache" and cfg.w_adv  # no GAN, no reals
+    cache = cfg.real == "cache" and cfg.w_adv and not cfg.plan  # no GAN, no reals; a plan draws
     if cache and not os.path.exists(real_path):
         if rank == 0:  # the LoRA is still zero here, so the model IS the base model
             with torch.no_grad(), autocast:
@@ -252,6 +278,7 @@ def main(argv=None):
         if world > 1:
             dist.barrier()
     real = load_file(real_path)["latents"] if cache else None
+    real = torch.randn(len(prompts), *lat_shape) if cfg.plan and cfg.real == "cache" else real
 
     # --- resume ---
     start, log_rows, nan_run = 0, [], 0
@@ -283,7 +310,9 @@ def main(argv=None):
         log.write(json.dumps(r) + "\n")
 
     # --- the loop ---
-    before = grid(cfg, pipe, prompts) if rank == 0 else None  # the "before" row of the last PNG
+    before = grid(cfg, pipe, prompts) if rank == 0 and not cfg.plan else None  # last PNG's row
+    if probe:  # the plan's peak and FLOPs are the steps', not the set-up's
+        probe[0].peak, _ = probe[0].live, probe[1].flop_counts.clear()
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0):
         t0 = time.time()
         idx = batch_of(step)
@@ -328,7 +357,7 @@ def main(argv=None):
         finite = torch.isfinite(loss.detach()).float()
         if world > 1:  # every rank skips together, or the all-reduces below would hang
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not bool(finite):
+        if not cfg.plan and not bool(finite):  # (fake tensors hold no values)
             nan_run += 1
             warnings.warn(f"step {step}: non-finite loss, step skipped ({nan_run} in a row)")
             if nan_run >= cfg.max_nan:
@@ -358,6 +387,8 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(d_params, cfg.clip_d)
             opt_d.step()
 
+        if cfg.plan:
+            continue
         # 8. log, pictures, checkpoint (rank 0 only)
         row = {"step": step + 1, "loss": loss.item(), "cap": cap_l.mean().item(),
                "tok": tok.mean().item(), "pix": pix.mean().item(), "adv": adv.mean().item(),
@@ -368,6 +399,11 @@ def main(argv=None):
         if rank == 0 and ((step + 1) % cfg.every == 0 or step + 1 == cfg.steps):
             pictures(cfg, pipe, prompts, log_rows, maps, img, batch_objs[0], step + 1)
             save_checkpoint(cfg.out, step + 1, unet, D, opt, opt_d, not cfg.rank)
+    if cfg.plan:
+        models = {"unet": pipe.unet, "discriminator": D, "vae": pipe.vae,
+                  "text": torch.nn.ModuleList(pipe.encoders), "captioner": cap.model}
+        extra = (plan_T - cfg.total_steps) * plan.unet_flops(unet, cfg, cfg.batch, lat_shape[-1])
+        return plan.report(cfg, *probe, models, (opt, opt_d), plan_steps, extra)
     if world > 1:  # data parallelism must leave identical weights on every rank: check it
         total = torch.stack([p.detach().double().sum() for p in params]).sum()
         span = torch.stack([total, -total])  # after a MAX reduce: (max, -min) over the ranks
