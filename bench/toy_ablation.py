@@ -1,14 +1,20 @@
 """The toy-world ablation in the README (the paper's Table 4 on the toy world): the base model,
 CoMat with concept matching only, + attribute concentration, + fidelity preservation (= train.py's
-toy defaults), each trained with `python train.py --prompts prompts.txt` and scored by
-`python toyworld.py eval` on the fixed evaluation prompts. Rows are cached in --out (delete a row's
-folder to redo it); a markdown table is printed and written to OUT/table.md.
-Usage: python bench/toy_ablation.py [--rows base,cap,attn,full] [--seeds 4] [--out runs/ablation]
+toy defaults), each trained row once per training seed with `python train.py --prompts prompts.txt`
+and scored by `python toyworld.py eval` (4 sampling seeds). Runs are cached in --out (one folder per
+row and training seed; delete one to redo it); the table gives each trained row's mean over its
+training seeds and their range, and is written to OUT/table.md.
+The same script chooses settings on the validation split: `--split val --train --lr 3e-4` scores
+on toyworld.VAL_PROMPTS (never the evaluation prompts) with the extra train.py flags.
+Usage: python bench/toy_ablation.py [--rows base,cap,attn,full] [--train-seeds 42,43]
+                                    [--split eval|val] [--out runs/ablation] [--train FLAGS...]
 """
 import argparse
 import json
 import os
 import sys
+
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -21,34 +27,50 @@ ROWS = {  # name: (README label, train.py flags switching terms off; None = no t
     "attn": ("+ attribute concentration", ["--w_adv", "0"]),
     "full": ("+ fidelity preservation (full)", []),
 }
+COLUMNS = ("one", "two", "spatial", "overall", "fidelity", "missing")
+
+
+def run_row(name, seed, a) -> dict:
+    """Train (unless cached) and score one row at one training seed; returns the scores."""
+    flags = ROWS[name][1]
+    run = os.path.join(a.out, name if flags is None else f"{name}-s{seed}")
+    scores = os.path.join(run, f"{a.split}.json")
+    lora = None if flags is None else os.path.join(run, "lora.safetensors")
+    if lora and not os.path.exists(lora):
+        train.main(["--prompts", os.path.join(ROOT, "prompts.txt"), "--out", run,
+                    "--seed", str(seed), *flags, *a.train])
+    if not os.path.exists(scores):
+        toyworld.main(["eval", "--seeds", str(a.seeds), "--split", a.split, "--out", scores]
+                      + (["--lora", lora] if lora else []))
+    return json.load(open(scores))
+
+
+def cell(values) -> str:
+    """Mean over training seeds in %, with the range when there are several."""
+    v = 100 * np.array(values)
+    return f"{v.mean():.1f}" + (f" ({v.min():.1f}-{v.max():.1f})" if len(v) > 1 else "")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", default=",".join(ROWS))
-    ap.add_argument("--seeds", type=int, default=4)
+    ap.add_argument("--train-seeds", default="42,43", help="train.py --seed per trained row")
+    ap.add_argument("--seeds", type=int, default=4, help="sampling seeds of the evaluation")
+    ap.add_argument("--split", choices=["eval", "val"], default="eval")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "ablation"))
     ap.add_argument("--train", nargs=argparse.REMAINDER, default=[],
                     help="extra train.py flags for every trained row (last on the line)")
     a = ap.parse_args()
-    lines = ["| model | one-object | two-object | spatial | overall | fidelity | missing 2nd |",
-             "|---|---|---|---|---|---|---|"]
+    cols = [c for c in COLUMNS if a.split == "eval" or c != "one"]  # val has no one-object split
+    lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name in a.rows.split(","):
-        label, flags = ROWS[name]
-        run, scores = os.path.join(a.out, name), os.path.join(a.out, name, "eval.json")
-        lora = None if flags is None else os.path.join(run, "lora.safetensors")
-        if lora and not os.path.exists(lora):
-            train.main(["--prompts", os.path.join(ROOT, "prompts.txt"), "--out", run,
-                        *flags, *a.train])
-        if not os.path.exists(scores):
-            toyworld.main(["eval", "--seeds", str(a.seeds), "--out", scores]
-                          + (["--lora", lora] if lora else []))
-        s = json.load(open(scores))
-        lines.append(f"| {label} | " + " | ".join(f"{100 * s[k]:.1f}" for k in (
-            "one", "two", "spatial", "overall", "fidelity", "missing")) + " |")
+        seeds = [0] if ROWS[name][1] is None else [int(s) for s in a.train_seeds.split(",")]
+        runs = [run_row(name, s, a) for s in seeds]
+        lines.append(f"| {ROWS[name][0]} | "
+                     + " | ".join(cell([r[c] for r in runs]) for c in cols) + " |")
     table = "\n".join(lines)
     print(table)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
+    with open(os.path.join(a.out, "table.md" if a.split == "eval" else "table-val.md"), "w") as f:
         f.write(table + "\n")
 
 

@@ -6,8 +6,8 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
     the wrong prompt's object (the colour or shape flipped);
 (c) off-grammar pictures (toyworld.render_odd: blends, melted and merged shapes, duplicates,
     noise): the prompt's log-likelihood on them vs on the clean renders of the same scenes;
-(d) binding: on clean two-object renders, the true prompt vs the same prompt with the two
-    colours swapped; and a render with an extra copy of one of its shapes vs the clean render.
+(d) binding: on clean two-object renders (two colours, two shapes), the true prompt vs the
+    same prompt with the two colours swapped; and a render with an extra copy of one of its shapes vs the clean render.
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
 Usage: python bench/toy_reward.py --captioners OLD_FOLDER,toy/captioner [--n 16] [--out runs/reward]
@@ -51,14 +51,15 @@ def with_copy(scene: tw.Scene, rng) -> tw.Scene:
 
 def scenes_for(n: int, seed: int = 1234):
     """n one-object scenes with a one-word confusion each, n two-object scenes with two different
-    colours (half spatial), and n mixed scenes for the off-grammar kinds; all clean renders."""
+    colours and shapes (half spatial), and n mixed scenes for the off-grammar kinds."""
     rng = np.random.default_rng(seed)
     one = [tw.sample_scene(rng, "one") for _ in range(n)]
     wrong = [tb.confuse(tw.prompt(s), rng) for s in one]
     two = []
     while len(two) < n:
         s = tw.sample_scene(rng, ("two", "spatial")[len(two) % 2])
-        if s.objects[0].colour != s.objects[1].colour:
+        a, b = s.objects  # two colours AND two shapes: otherwise the swap is also true
+        if a.colour != b.colour and a.shape != b.shape:
             two.append(s)
     mixed = [tw.sample_scene(rng, ("one", "two", "spatial")[i % 3]) for i in range(n)]
     return one, wrong, two, mixed, rng

@@ -59,3 +59,31 @@ def test_ci_sized_comat_run_on_the_toy_model(tmp_path):
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     ctx = torch.randn(1, 16, 64)
     assert not torch.equal(base(x, t, ctx), tuned(x, t, ctx))
+
+
+def test_shipped_captioner_reward_is_semantic():
+    """Properties (c) and (d) of bench/toy_reward.py (README: toy world) on a few images: what
+    is drawn wrongly loses to the clean render of the same scene, binding is read, and an extra
+    copy of a shape costs likelihood. (a) and (b) need many ascent steps: the benchmark has them."""
+    import toybuild as tb  # noqa: F401  (toyworld's pictures, the captioner's build)
+    cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
+    lp = lambda x, texts: captioner.caption_logprob(cap, x, texts).detach()  # noqa: E731
+    rng = np.random.default_rng(99)
+    mixed = [tw.sample_scene(rng, ("one", "two", "spatial")[i % 3]) for i in range(12)]
+    texts = [tw.prompt(s) for s in mixed]
+    clean = lp(tw.to_float(np.stack([tw.render(s) for s in mixed])), texts)
+    for kind in ("blend", "merge", "duplicate", "noise"):  # melt: see the README
+        odd = lp(tw.to_float(np.stack([tw.render_odd(s, kind, rng) for s in mixed])), texts)
+        assert (clean - odd).mean() > 0.3, kind  # measured 0.4-1.6 nats/token
+    two = [s for s in (tw.sample_scene(rng, "two") for _ in range(40))
+           if s.objects[0][:2] != s.objects[1][:2] and s.objects[0].colour != s.objects[1].colour
+           and s.objects[0].shape != s.objects[1].shape][:12]
+    x2 = tw.to_float(np.stack([tw.render(s) for s in two]))
+    swap = [tw.prompt(s._replace(objects=(s.objects[0]._replace(colour=s.objects[1].colour),
+                                          s.objects[1]._replace(colour=s.objects[0].colour))))
+            for s in two]
+    assert (lp(x2, [tw.prompt(s) for s in two]) > lp(x2, swap)).float().mean() >= 10 / 12
+    dup = [tw.render_odd(s, "duplicate", rng) for s in mixed]
+    more = [tw.describe(d).count(" a ") > len(s.objects) - 1 for d, s in zip(dup, mixed)]
+    lost = (clean > lp(tw.to_float(np.stack(dup)), texts))[torch.tensor(more)]
+    assert lost.float().mean() >= 0.7, lost
