@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
-                          CLIPTextConfig, CLIPTextModel)
+                          BlipForQuestionAnswering, CLIPTextConfig, CLIPTextModel)
 
+import evaluate
 import toyworld as tw
 from captioner import Captioner, caption_logprob
 from sample import alphas_cumprod
@@ -47,12 +48,14 @@ DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes and seconds per step on 2 CPU cores (torch 2.13; measured VAE 0.67, UNet 0.32,
 # captioner 0.29 with its adversarial steps; VAE rounded up): budget -> step counts.
-# 72 min: 1200 / 6750 / 2880 steps, ~68 min (the VAE and UNet counts of the first build)
-BATCH = {"vae": 16, "unet": 32, "captioner": 32}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.32, "captioner": 0.3}
-SHARE = {"vae": 0.25, "unet": 0.50, "captioner": 0.20}  # the last 5%: latents, saving
-BUDGET_MINUTES = 72.0
-STAGES = ("base", "captioner")  # base: VAE, text encoder, UNet (one pool of latents links them)
+# VQA 0.3 s on one thread of a shared machine (an overestimate for 2 free cores).
+# 90 min: 1200 / 6750 / 2880 / 3420 steps, ~86 min (the VAE and UNet counts of the first build;
+# the VQA's 17 minutes were added to the 72 of the others, whose step counts did not change)
+BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.32, "captioner": 0.3, "vqa": 0.3}
+SHARE = {"vae": 0.2, "unet": 0.4, "captioner": 0.16, "vqa": 0.19}  # last 5%: latents, saving
+BUDGET_MINUTES = 90.0
+STAGES = ("base", "captioner", "vqa")  # base: VAE, text encoder, UNet (one pool of latents)
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 # captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
@@ -286,6 +289,103 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
     return model.eval()
 
 
+# --- the toy BLIP-VQA: T2I-CompBench's colour scorer (evaluate.py) for the toy world ---
+SWAP_P, NEAR_P = 0.5, 0.8  # "no" questions: share of swapped bindings (where possible), of
+# near misses (one word of a found object changed); the rest any absent colour and shape
+
+
+def vqa_tokenizer(folder: str) -> BertTokenizer:
+    """A BERT word tokenizer for the VQA: the grammar, "?", "yes", "no", and BLIP's [DEC], [ENC]
+    as the LAST two ids, where BLIP appends them to BERT's vocabulary (evaluate.yes_logit)."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "yes", "no", *WORDS,
+             "[DEC]", "[ENC]"]
+    with open(os.path.join(folder, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    return BertTokenizer(os.path.join(folder, "vocab.txt"))
+
+
+def vqa_model(tok) -> BlipForQuestionAnswering:
+    """The captioner's tiny BLIP (blip()) as BlipForQuestionAnswering; [DEC] starts the answer."""
+    w, n = BLIP_WIDTH, BLIP_LAYERS
+    return BlipForQuestionAnswering(BlipConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w,
+                         num_hidden_layers=n, num_attention_heads=2, max_position_embeddings=32,
+                         encoder_hidden_size=w, pad_token_id=tok.pad_token_id,
+                         bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
+                         sep_token_id=tok.sep_token_id),
+        vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n,
+                           num_attention_heads=2, image_size=tw.SIZE, patch_size=8),
+        projection_dim=w))
+
+
+def absent(found: set, rng: np.random.Generator) -> tuple[str, str]:
+    """A (colour, shape) not in found: with SWAP_P the binding of two found objects swapped
+    (a red circle and a blue square -> "a blue circle?"), else with NEAR_P one word of a found
+    object changed, else any."""
+    every = {(c, s) for c in tw.COLOURS for s in tw.SHAPES}
+    swaps = {(a[0], b[1]) for a in found for b in found} - found
+    near = {(c, s) for c0, s0 in found for c, s in every if c == c0 or s == s0} - found
+    for pool, p in ((swaps, SWAP_P), (near, NEAR_P), (every - found, 1.0)):
+        if pool and rng.random() < p:
+            return sorted(pool)[int(rng.integers(len(pool)))]
+    raise AssertionError("an image holding every colour and shape")
+
+
+def vqa_batch(rng: np.random.Generator, g: torch.Generator, n: int):
+    """n pictures (n, 3, 64, 64) in [0, 1] as the captioner's (captioner_batch: ODD_P drawn
+    wrongly, all mildly corrupted), rounded to uint8 as a saved PNG; questions as evaluate.py
+    asks them ("a red circle?"), their pictures' indices, answers 1 (yes) / 0 (no): yes when the
+    analytic evaluator (toyworld.detect) finds that colour and shape. One yes and one no per
+    picture (a blank picture: one no)."""
+    x, _ = captioner_batch(rng, g, n)
+    x = tw.to_float(tw.to_uint8(x))
+    qs, owner, ys = [], [], []
+    for b, img in enumerate(tw.to_uint8(x)):
+        found = {(f.colour, f.shape) for f in tw.detect(img)}
+        pairs = [(sorted(found)[int(rng.integers(len(found)))], 1.0)] if found else []
+        for (c, s), y in pairs + [(absent(found, rng), 0.0)]:
+            qs.append(f"a {c} {s}?")
+            owner.append(b)
+            ys.append(y)
+    return x, qs, owner, torch.tensor(ys)
+
+
+def from_captioner(model: BlipForQuestionAnswering, cap, cap_tok, tok) -> None:
+    """Start the VQA from the captioner, as BLIP's VQA starts from its pre-trained model (whose
+    text encoder and decoder share all but self-attention): the vision tower, and both text
+    towers from the captioner's decoder, word embeddings matched by word ("?", "yes", "no",
+    [DEC], [ENC] and the yes/no head's bias start random)."""
+    model.vision_model.load_state_dict(cap.vision_model.state_dict())
+    sd, key = cap.text_decoder.bert.state_dict(), "embeddings.word_embeddings.weight"
+    emb, old = model.text_encoder.state_dict()[key].clone(), cap_tok.get_vocab()
+    for word, i in tok.get_vocab().items():
+        if word in old:
+            emb[i] = sd[key][old[word]]
+    sd[key] = emb
+    model.text_encoder.load_state_dict(sd)
+    model.text_decoder.bert.load_state_dict(sd)  # its output layer is tied to these embeddings
+    model.text_decoder.cls.predictions.transform.load_state_dict(
+        cap.text_decoder.cls.predictions.transform.state_dict())
+
+
+def train_vqa(tok, cap, cap_tok, steps: int, seed: int) -> BlipForQuestionAnswering:
+    """Cross-entropy of the answer that evaluate.py reads: yes vs no at the decoder's first step
+    (evaluate.yes_logit, the same code path), on vqa_batch's pictures and questions, starting
+    from the captioner cap (from_captioner): from scratch, 1500 steps learnt presence but hardly
+    binding (held-out accuracy 52%)."""
+    torch.manual_seed(seed)
+    rng, g = np.random.default_rng([seed, 4]), torch.Generator().manual_seed(seed)
+    model = vqa_model(tok)
+    from_captioner(model, cap, cap_tok, tok)
+
+    def loss(i):
+        x, qs, owner, y = vqa_batch(rng, g, BATCH["vqa"])
+        z = evaluate.yes_logit(model, tok, (x - evaluate.MEAN) / evaluate.STD, qs, owner)
+        return F.binary_cross_entropy_with_logits(z, y)
+    optimise(model.parameters(), steps, 5e-4, loss, "vqa")
+    return model.eval()
+
+
 def unet_json(cfg: UNetConfig, sample_size: int) -> dict:
     """diffusers UNet2DConditionModel config.json fields (the inverse of
     weights.unet_config_from_diffusers for SD1.5-style UNets)."""
@@ -338,8 +438,8 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float = BUDGET_MINUTE
     assert set(only) <= set(STAGES), f"stages are {STAGES}"
     print(f"toy build: stages {list(only)}, steps {steps} (seed {seed})")
     kept = [p for stage, parts in (("base", ("unet", "vae", "text_encoder", "tokenizer")),
-                                   ("captioner", ("captioner",))) if stage not in only
-            for p in parts]
+                                   ("captioner", ("captioner",)), ("vqa", ("vqa",)))
+            if stage not in only for p in parts]
     for p in kept:
         if not os.path.isdir(os.path.join(out, p)):
             raise SystemExit(f"error: {out}/{p} missing: build its stage too (--only)")
@@ -365,6 +465,15 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float = BUDGET_MINUTE
         model = train_captioner(btok, steps["captioner"], seed)
         model.half().save_pretrained(cap_dir)
         btok.save_pretrained(cap_dir)
+    if "vqa" in only:  # after the captioner: it starts from the captioner's vision tower
+        vqa_dir = os.path.join(tmp, "vqa")
+        os.makedirs(vqa_dir)
+        vtok = vqa_tokenizer(vqa_dir)
+        cap = BlipForConditionalGeneration.from_pretrained(os.path.join(tmp, "captioner"))
+        cap_tok = BertTokenizer.from_pretrained(os.path.join(tmp, "captioner"))
+        model = train_vqa(vtok, cap.float(), cap_tok, steps["vqa"], seed)
+        model.half().save_pretrained(vqa_dir)
+        vtok.save_pretrained(vqa_dir)
     old = f"{out}.old{os.getpid()}"
     if os.path.exists(out):
         os.replace(out, old)

@@ -1,4 +1,5 @@
 """toybuild.py: a build at a few steps writes a folder the loaders read, bit-identical per seed."""
+import json
 import os
 
 import numpy as np
@@ -14,7 +15,7 @@ import weights
 from unet import UNet
 from vae import VAE
 
-FEW = dict(vae=1, unet=2, captioner=2)
+FEW = dict(vae=1, unet=2, captioner=2, vqa=2)
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def test_build_loads_and_samples(built):
 
 def test_same_seed_same_weights(built, tmp_path):
     again = tb.build(str(tmp_path / "toy"), seed=0, steps=FEW, pool=64)
-    files = [os.path.join(d, f) for d in ("unet", "vae", "text_encoder", "captioner")
+    files = [os.path.join(d, f) for d in ("unet", "vae", "text_encoder", "captioner", "vqa")
              for f in os.listdir(os.path.join(built, d)) if f.endswith(".safetensors")]
-    assert len(files) == 4
+    assert len(files) == 5
     for f in files:
         a, b = load_file(os.path.join(built, f)), load_file(os.path.join(again, f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
@@ -58,7 +59,7 @@ def test_rebuilding_one_stage_keeps_the_others(built, tmp_path):
     import shutil
     shutil.copytree(built, out)
     tb.build(out, seed=1, steps=FEW, only=("captioner",))
-    for d in ("unet", "vae", "text_encoder", "captioner"):
+    for d in ("unet", "vae", "text_encoder", "captioner", "vqa"):
         f = [x for x in os.listdir(os.path.join(out, d)) if x.endswith(".safetensors")][0]
         a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
         same = all(torch.equal(a[k], b[k]) for k in a)
@@ -118,7 +119,8 @@ def test_fp16_weights_fit_the_repo_budget(tmp_path):
     tok = tb.word_tokenizer()
     with torch.device("meta"):
         models = [UNet(tb.UNET_CFG), VAE(tb.VAE_CFG), tb.text_encoder(tok),
-                  tb.blip(tb.blip_tokenizer(str(tmp_path)))]
+                  tb.blip(tb.blip_tokenizer(str(tmp_path))),
+                  tb.vqa_model(tb.vqa_tokenizer(str(tmp_path)))]
     n = sum(p.numel() for m in models for p in m.parameters())
     assert 2 * n < 25e6  # fp16 bytes
 
@@ -134,3 +136,31 @@ def test_plan_splits_the_budget():
     steps = tb.plan(60)
     cost = sum(steps[k] * tb.SEC_PER_STEP[k] for k in steps)
     assert 0.9 * 3600 < cost <= 0.95 * 3600 and min(steps.values()) > 100
+
+
+def test_vqa_questions_are_answered_by_the_evaluator():
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    x, qs, owner, y = tb.vqa_batch(rng, g, 64)
+    assert torch.equal(x, tw.to_float(tw.to_uint8(x)))  # what a saved PNG holds
+    assert 0.45 < y.mean() < 0.55 and len(qs) == len(owner) == len(y)
+    swapped = 0
+    for q, b, ans in zip(qs, owner, y.tolist()):
+        found = {(f.colour, f.shape) for f in tw.detect(tw.to_uint8(x[b:b + 1])[0])}
+        _, c, s = q.removesuffix("?").split()
+        assert ((c, s) in found) == (ans == 1), q
+        swapped += ans == 0 and any(c == a[0] for a in found) and any(s == a[1] for a in found)
+    assert swapped > 10  # the binding is asked about, not only presence
+    assert tb.absent(set(), rng) and tb.absent({("red", "circle")}, rng) != ("red", "circle")
+
+
+def test_evaluate_scores_toy_samples_with_the_built_vqa(built, tmp_path, capsys):
+    import evaluate as ev
+    ev.main([str(tmp_path / "ev"), "--model", built, "--size", "64", "--steps", "2", "--n", "1",
+             "--data", "toy", "--categories", "color", "--blip", os.path.join(built, "vqa"),
+             "--blip-size", "64", "--batch", "24"])
+    res = json.load(open(tmp_path / "ev" / "color" / "annotation_blip" / "vqa_result.json"))
+    assert len(res) == len(tw.EVAL_PROMPTS["two"]) and all(0 < float(r["answer"]) < 1 for r in res)
+    assert "| color |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="color prompts only"):
+        ev.main([str(tmp_path / "ev"), "--model", built, "--data", "toy", "--categories", "shape",
+                 "--blip", os.path.join(built, "vqa")])
