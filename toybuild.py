@@ -1,6 +1,6 @@
 """Toy-world base model, built from scratch on a CPU: VAE, CLIP text encoder + UNet, BLIP captioner.
 
-The four trainings behind `python toyworld.py build` (kept out of toyworld.py, which holds the
+The trainings behind `python toybuild.py` (kept out of toyworld.py, which holds the
 world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
 Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/, fp16) that
 weights.load_pipeline and captioner.load_captioner read. Deterministic under a seed: step counts
@@ -215,6 +215,9 @@ def confuse(text: str, rng: np.random.Generator) -> str:
     w = text.split()
     cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
     shapes = [i for i, x in enumerate(w) if x in tw.SHAPES]
+    # A known flaw, kept because the shipped captioner was built with it (README: toy world):
+    # for two same-shape objects joined by "and" the swap says the same thing, so the hinge
+    # also pushes one word order above the other.
     if len(cols) >= 2 and w[cols[0]] != w[cols[1]] and rng.random() < 0.5:
         w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
     elif cols or shapes:
