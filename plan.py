@@ -87,14 +87,32 @@ def fake_mode():
     return mode
 
 
+class NoModules:
+    """Stands in for FlopCounterMode's ModuleTracker (its per-module table, unused here). That
+    tracker registers a grad hook on the tensors of every module call and keeps the handles until
+    exit; under gradient checkpointing those include the recomputations' outputs, whose graphs are
+    built in backward and never run, so every recomputed activation stayed alive to the end of the
+    backward: the plan counted SDXL K 5 with checkpointing above the same run without it, a leak a
+    training run, which counts no FLOPs, does not have."""
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        pass
+
+
 def flops():
-    """FlopCounterMode that also counts CPU flash attention (its formula is the CUDA kernel's)."""
+    """FlopCounterMode (totals only) that also counts CPU flash attention (the CUDA formula)."""
     aten = torch.ops.aten
-    return flop_counter.FlopCounterMode(display=False, custom_mapping={  # args come as shapes
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping={  # args come as shapes
         aten._scaled_dot_product_flash_attention_for_cpu:
             lambda q, k, v, *_, **__: flop_counter.sdpa_flop_count(q, k, v),
         aten._scaled_dot_product_flash_attention_for_cpu_backward:
             lambda g, q, k, v, *_, **__: flop_counter.sdpa_backward_flop_count(g, q, k, v)})
+    counter.mod_tracker = NoModules()
+    return counter
 
 
 def meta_if_fake():
@@ -226,4 +244,9 @@ def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops):
               f"~{r['batch_fit'][gb]}; ~{sec:.1f} s/step, {steps} steps ~"
               f"{sec * steps / 3600:.1f} h (estimate: {tf} TFLOP/s x {UTILISATION})")
     print(f"  {per_step / 1e12:.1f} TFLOP per step (K {cfg.grad_steps} of the T steps)")
+    if r["peak"] > 40:  # the official setups' target card (README "What fits where": levers)
+        print(f"  over 40 GB, levers: {'' if cfg.checkpointing else '--checkpointing; '}fewer "
+              f"gradient steps (--grad_steps 1: activations grow with K); the discriminator's own "
+              f"frozen UNet, {r['parts'].get('discriminator', 0):.1f} GB, shared with the "
+              f"generator's (not implemented)")
     return r
