@@ -441,7 +441,8 @@ def main(argv=None):
     """`python toyworld.py eval [--model M] [--lora F | --unet F] [--seeds N] [--split S]
     [--out F.json]`: score any model sample.py loads on EVAL_PROMPTS (or on VAL_PROMPTS, the
     split that training settings are chosen on); --out also gets a PNG of seed 0.
-    (The base model is built by `python toybuild.py`, which imports this module, not the reverse.)"""
+    (The base model is built by `python toybuild.py`, which imports this module, not the
+    reverse.)"""
     import argparse
     import json
 

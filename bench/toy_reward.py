@@ -7,7 +7,8 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
 (c) off-grammar pictures (toyworld.render_odd: blends, melted and merged shapes, duplicates,
     noise): the prompt's log-likelihood on them vs on the clean renders of the same scenes;
 (d) binding: on clean two-object renders (two colours, two shapes), the true prompt vs the
-    same prompt with the two colours swapped; and a render with an extra copy of one of its shapes vs the clean render.
+    same prompt with the two colours swapped; and a render with an extra copy of one of its
+    shapes vs the clean render.
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
 Usage: python bench/toy_reward.py --captioners OLD_FOLDER,toy/captioner [--n 16] [--out runs/reward]
