@@ -13,6 +13,7 @@ Usage: python bench/toy_vqa_agreement.py --lora runs/val/lr3e-4/lora.safetensors
 import argparse
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -95,7 +96,9 @@ def main(argv=None):
           + " |\n|" + "---|" * len(acc) + "\n| "
           + " | ".join(f"{100 * v:.1f}" for v in acc.values()) + " |")
     cols, pooled = [], []
-    for name, lora in (("toy", None), ("toy-lora", a.lora)):
+    # one folder per LoRA path, so images of another LoRA are never rescored as this one's
+    lora_dir = "lora-" + re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.abspath(a.lora)).strip("-")
+    for name, lora in (("toy", None), (lora_dir, a.lora)):
         folder = os.path.join(a.out, name)
         flags = ["--model", "toy", "--data", "toy", "--categories", "color", "--blip", a.blip,
                  "--blip-size", str(tw.SIZE), "--n", str(a.n), "--batch", "24"]
