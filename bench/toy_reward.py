@@ -9,9 +9,11 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
 (d) binding: on clean two-object renders (two colours, two shapes), the true prompt vs the
     same prompt with the two colours swapped; and a render with an extra copy of one of its
     shapes vs the clean render.
+(e) the same reward on the base model's own samples (on_samples).
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
 Usage: python bench/toy_reward.py --captioners OLD_FOLDER,toy/captioner [--n 16] [--out runs/reward]
+       [--only-samples]
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ sys.path.insert(0, ROOT)
 import toybuild as tb  # noqa: E402
 import toyworld as tw  # noqa: E402
 import viz  # noqa: E402
+import weights  # noqa: E402
 from captioner import caption_logprob, load_captioner  # noqa: E402
 
 SMALL, LARGE, ASCENT_STEPS = 0.03, 0.25, 40  # RMS budgets (images in [0, 1]) and PGD steps
@@ -100,6 +103,25 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
     return out, torch.cat([x] + shown)
 
 
+def on_samples(cap, pipe) -> dict:
+    """(e) The reward on the generator's own images (the base model `pipe`): the 18 one-object
+    prompts at seeds 0 and 1, asked-for shape vs the same colour with the next shape; the first 48
+    training prompts at seed 0, log-likelihood when the evaluator finds both objects or not."""
+    import sample
+    one = tw.EVAL_PROMPTS["one"]  # circles, squares, triangles, six colours each
+    other = one[6:12] + one[12:] + one[:6]
+    x = torch.cat([sample.generate(pipe, one, 30, 7.5, 64, "ddim", s, progress=False)
+                   for s in (0, 1)])
+    lp = lambda x, texts: caption_logprob(cap, x, texts).detach()  # noqa: E731
+    out = {"samples_shape_wins": float((lp(x, one * 2) > lp(x, other * 2)).float().mean())}
+    train = [ln.strip() for ln in open(os.path.join(ROOT, "prompts.txt"))][:48]
+    x2 = sample.generate(pipe, train, 30, 7.5, 64, "ddim", 0, progress=False)
+    ok = torch.tensor([tw.score(img, p)["objects_ok"] for img, p in zip(tw.to_uint8(x2), train)])
+    l2 = lp(x2, train)
+    out["samples_logp_found"], out["samples_logp_not"] = float(l2[ok].mean()), float(l2[~ok].mean())
+    return out
+
+
 ROWS = [("(a) small-budget ascent: rise of the wrong prompt (nats/token)", "small_rise_wrong"),
         ("(a) small budget: wrong prompt beats the true one (share)", "small_wrong_wins"),
         ("(b) large-budget ascent: evaluator reads the wrong object (share)", "large_reads_wrong"),
@@ -108,7 +130,10 @@ ROWS = [("(a) small-budget ascent: rise of the wrong prompt (nats/token)", "smal
         *[(f"(c) prompt log-lik, {k}", f"{k}_logp") for k in tw.ODD_KINDS],
         ("(d) true beats colour-swapped prompt (share)", "binding_wins"),
         ("(d) true minus swapped (nats/token)", "binding_margin"),
-        ("(d) extra duplicate shape loses to the clean render (share)", "duplicate_loses")]
+        ("(d) extra duplicate shape loses to the clean render (share)", "duplicate_loses"),
+        ("(e) base samples: asked-for shape beats another (share)", "samples_shape_wins"),
+        ("(e) base samples: log-lik, both objects found", "samples_logp_found"),
+        ("(e) base samples: log-lik, not found", "samples_logp_not")]
 
 
 def main():
@@ -117,16 +142,26 @@ def main():
                     help="comma-separated captioner folders")
     ap.add_argument("--n", type=int, default=16, help="scenes per measurement")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "reward"))
+    ap.add_argument("--only-samples", action="store_true", help="print (e) only")
     a = ap.parse_args()
     torch.manual_seed(0)
     os.makedirs(a.out, exist_ok=True)
     folders = a.captioners.split(",")
     results, rows = {}, []
+    pipe = weights.load("toy")
     for f in folders:
-        res, imgs = measure(load_captioner(f), a.n)
+        cap = load_captioner(f)
+        if a.only_samples:  # (e) alone: a minute, no ascents
+            results[f] = on_samples(cap, pipe)
+            print(f, json.dumps({k: round(v, 3) for k, v in results[f].items()}))
+            continue
+        res, imgs = measure(cap, a.n)
+        res.update(on_samples(cap, pipe))
         results[f] = res
         rows.append(imgs[a.n:] if rows else imgs)  # the clean renders once, then the ascents
         print(f, json.dumps({k: round(v, 3) for k, v in res.items()}))
+    if a.only_samples:
+        return
     lines = ["| measurement | " + " | ".join(folders) + " |", "|---" * (len(folders) + 1) + "|"]
     lines += [f"| {label} | " + " | ".join(f"{results[f][k]:.2f}" for f in folders) + " |"
               for label, k in ROWS]

@@ -26,9 +26,12 @@ def test_shipped_weights_load_and_draw_the_asked_for_shape():
     # with an extra shape too, the base model's learned habit (README: toy world)
     drawn = [tw.score(img, p)["objects_ok"] for img, p in zip(tw.to_uint8(images), prompts)]
     assert np.mean(drawn) >= 0.8, drawn
-    # the captioner prefers the asked-for prompt to another shape's (measured: 5 of 6)
-    right = captioner.caption_logprob(cap, images[:6], prompts[:6])
-    wrong = captioner.caption_logprob(cap, images[:6], prompts[6:12])
+    # the captioner prefers the asked-for prompt to the same colour with another shape on most of
+    # the base model's own samples (measured 13 of 18 here; 72% over two seeds, the previous
+    # captioner 92%: README, toy world)
+    other = prompts[6:12] + prompts[12:] + prompts[:6]  # circle -> square -> triangle -> circle
+    right = captioner.caption_logprob(cap, images, prompts)
+    wrong = captioner.caption_logprob(cap, images, other)
     assert (right > wrong).float().mean() >= 0.6
 
 
