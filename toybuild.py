@@ -169,26 +169,36 @@ def train_unet(scenes, latents, steps: int, seed: int) -> tuple[UNet, object, CL
     return unet.eval(), tok, enc.eval()
 
 
-def blip_tokenizer(folder: str) -> BertTokenizer:
-    """A BERT word tokenizer for the captioner: BLIP's specials, its prefix and the grammar."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
-             *sorted(set(WORDS) | {"photography", "of"} | set(tw.ODD_WORDS))]
+def word_vocab(folder: str, vocab: list) -> BertTokenizer:
+    """A BERT word tokenizer with exactly these tokens, written to folder/vocab.txt."""
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
     return BertTokenizer(os.path.join(folder, "vocab.txt"))
 
 
-def blip(tok) -> BlipForConditionalGeneration:
-    """The tiny captioner: BLIP's architecture at width BLIP_WIDTH, 64px images, 8px patches."""
+def blip_tokenizer(folder: str) -> BertTokenizer:
+    """A BERT word tokenizer for the captioner: BLIP's specials, its prefix and the grammar."""
+    return word_vocab(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+                               *sorted(set(WORDS) | {"photography", "of"} | set(tw.ODD_WORDS))])
+
+
+def blip_config(tok, bos: int) -> BlipConfig:
+    """BLIP's architecture at width BLIP_WIDTH, 64px images, 8px patches; `bos` starts the text
+    decoder ([CLS] for the captioner, [DEC] for the VQA)."""
     w, n = BLIP_WIDTH, BLIP_LAYERS
-    return BlipForConditionalGeneration(BlipConfig(
+    return BlipConfig(
         text_config=dict(vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w,
                          num_hidden_layers=n, num_attention_heads=2, max_position_embeddings=32,
                          encoder_hidden_size=w, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.cls_token_id, sep_token_id=tok.sep_token_id),
+                         bos_token_id=bos, sep_token_id=tok.sep_token_id),
         vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n,
                            num_attention_heads=2, image_size=tw.SIZE, patch_size=8),
-        projection_dim=w))
+        projection_dim=w)
+
+
+def blip(tok) -> BlipForConditionalGeneration:
+    """The tiny captioner."""
+    return BlipForConditionalGeneration(blip_config(tok, tok.cls_token_id))
 
 
 def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -300,25 +310,14 @@ SWAP_P, NEAR_P = 0.5, 0.8  # "no" questions: share of swapped bindings (where po
 def vqa_tokenizer(folder: str) -> BertTokenizer:
     """A BERT word tokenizer for the VQA: the grammar, "?", "yes", "no", and BLIP's [DEC], [ENC]
     as the LAST two ids, where BLIP appends them to BERT's vocabulary (evaluate.yes_logit)."""
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "yes", "no", *WORDS,
-             "[DEC]", "[ENC]"]
-    with open(os.path.join(folder, "vocab.txt"), "w") as f:
-        f.write("\n".join(vocab) + "\n")
-    return BertTokenizer(os.path.join(folder, "vocab.txt"))
+    return word_vocab(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "?", "yes", "no",
+                               *WORDS, "[DEC]", "[ENC]"])
 
 
 def vqa_model(tok) -> BlipForQuestionAnswering:
-    """The captioner's tiny BLIP (blip()) as BlipForQuestionAnswering; [DEC] starts the answer."""
-    w, n = BLIP_WIDTH, BLIP_LAYERS
-    return BlipForQuestionAnswering(BlipConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=w, intermediate_size=2 * w,
-                         num_hidden_layers=n, num_attention_heads=2, max_position_embeddings=32,
-                         encoder_hidden_size=w, pad_token_id=tok.pad_token_id,
-                         bos_token_id=tok.convert_tokens_to_ids("[DEC]"),
-                         sep_token_id=tok.sep_token_id),
-        vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n,
-                           num_attention_heads=2, image_size=tw.SIZE, patch_size=8),
-        projection_dim=w))
+    """The captioner's tiny BLIP (blip_config) as BlipForQuestionAnswering; [DEC] starts the
+    answer."""
+    return BlipForQuestionAnswering(blip_config(tok, tok.convert_tokens_to_ids("[DEC]")))
 
 
 def absent(found: set, rng: np.random.Generator) -> tuple[str, str]:
