@@ -1,11 +1,14 @@
-"""T2I-CompBench as the benchmark scores it (Karine-Huang/T2I-CompBench 1b70949, MIT; spec
+"""T2I-CompBench(++) as the benchmark scores it (Karine-Huang/T2I-CompBench 1b70949, MIT; spec
 ../shared/spec/t2i-compbench.md): BLIP-VQA for colour, shape, texture; a detector and a position
-rule for spatial; CLIP for non-spatial; their 3-in-1 mix for complex. Models from local folders.
-Deviations: Grounding-DINO, not UniDet (spatial is not comparable with published numbers); spaCy's
-en_core_web_sm only when installed, else segment.py's rule-based chunker.
+rule for spatial; CLIP for non-spatial; their 3-in-1 mix for complex; detector + DPT depth for
+3d_spatial; detector counts for numeracy. This file runs the models (from local folders), the
+layout, generation and the CLI; the rules themselves are compbench.py's pure functions.
+Deviations: Grounding-DINO, not UniDet (detector scores are not comparable with published
+numbers); spaCy's en_core_web_sm only when installed, else segment.py's rule-based chunker.
 Layout: OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k, seed 42 + k).
 Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset --model toy
     --blip blip-vqa-capfilt-large --clip clip-vit-base-patch32 --dino grounding-dino-tiny
+    --dpt dpt-hybrid-midas
 """
 import argparse
 import json
@@ -18,19 +21,25 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 from transformers import (AutoProcessor, AutoTokenizer, BlipForQuestionAnswering, CLIPModel,
-                          GroundingDinoForObjectDetection)
+                          DPTForDepthEstimation, GroundingDinoForObjectDetection)
 
+import compbench as cb
 import segment
 import toyworld as tw
 import viz
 from sample import default_size, generate, load_or_exit
 
-CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex")
+CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "3d_spatial",
+              "numeracy")
 NEEDS = {"blip": ("color", "shape", "texture", "complex"), "clip": ("non_spatial", "complex"),
-         "dino": ("spatial", "complex")}  # which scorer each category runs
+         "dino": ("spatial", "complex", "3d_spatial", "numeracy"),
+         "dpt": ("3d_spatial",)}  # which scorer each category runs
 # Where each metric's vqa_result.json goes, as the benchmark's scripts write it.
 OUT = {"blip": "annotation_blip", "spatial": "labels/annotation_obj_detection_2d",
-       "clip": "annotation_clip", "3_in_1": "annotation_3_in_1"}
+       "clip": "annotation_clip", "3_in_1": "annotation_3_in_1",
+       "spatial_3d": "labels/annotation_obj_detection_3d", "numeracy": "annotation_num"}
+MAIN = {"spatial": "spatial", "non_spatial": "clip", "complex": "3_in_1",
+        "3d_spatial": "spatial_3d", "numeracy": "numeracy"}  # the table's metric; else blip
 # BLIP and CLIP were both trained with CLIP's normalisation constants.
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
@@ -61,24 +70,6 @@ def write_result(folder: str, sub: str, answers: list) -> float:
 
 
 # --- prompt analysis: spaCy's en_core_web_sm if installed, else segment.py's chunker ---
-class Parsed(NamedTuple):
-    tokens: list[tuple[str, str]]  # (text, coarse POS): NOUN, ADJ, PROPN (spaCy only), or other
-    chunks: list[str]              # noun chunks' text, case kept ("a green bench")
-
-
-def analyse(prompt: str, nlp=None) -> Parsed:
-    """Tokens, noun chunks; the rules tag a chunk's last word NOUN and segment.ADJ's words ADJ."""
-    if nlp is not None:
-        doc = nlp(prompt)
-        return Parsed([(t.text, t.pos_) for t in doc], [c.text for c in doc.noun_chunks])
-    chunks = segment.chunks(prompt)
-    heads = {c.end for c in chunks}
-    tokens = [(prompt[m.start():m.end()], "NOUN" if m.end() in heads else
-               "ADJ" if m.group() in segment.ADJ else "X")
-              for m in segment.TOKEN.finditer(prompt.lower())]
-    return Parsed(tokens, [prompt[c.start:c.end] for c in chunks])
-
-
 def load_parser(kind: str):
     """spaCy's en_core_web_sm (the benchmark's parser) or None for the rule-based chunker."""
     if kind != "rules":
@@ -92,39 +83,17 @@ def load_parser(kind: str):
 
 
 # --- BLIP-VQA (BLIPvqa_eval: colour, shape, texture, complex's attribute part) ---
-DROP = ("top", "the side", "the left", "the right")  # chunks the benchmark never asks about
-
-
-def questions(chunks: list[str], n=8) -> list[str]:
-    """One question "{chunk}?" per noun chunk, np_num = 8 slots, "" for the empty ones."""
-    qs = [f"{c}?" for c in chunks if c not in DROP][:n]
-    return qs + [""] * (n - len(qs))
-
-
-def pre_question(q: str, max_words=50) -> str:
-    """BLIP's data/utils.py pre_question: lower case, drop .!"()*#:;~ (keep '?'), 50 words."""
-    return " ".join(re.sub(r'[.!"()*#:;~]', "", q.lower()).rstrip(" ").split(" ")[:max_words])
-
-
-def product(answers: list) -> str:
-    """An image's score: float32 product of its 4-decimal answers (None, an empty slot: 1)."""
-    r = torch.tensor(1.0)
-    for a in answers:
-        r = r * (1.0 if a is None else float(a))
-    return f"{r.item():.4f}"
-
-
-def pixels(image, size: int, crop: bool):
-    """PIL -> normalised (3, size, size), bicubic: squashed (BLIP) or short side + crop (CLIP)."""
+def pixels(image, size: int, crop: bool, resample=Image.BICUBIC, mean=MEAN, std=STD):
+    """PIL -> normalised (3, size, size): squashed (BLIP, DPT) or short side + crop (CLIP)."""
     w, h = image.size
     new = (size, size)
     if crop:  # torchvision Resize(int): the long side is int(size * long / short)
         new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
-    image = image.convert("RGB").resize(new, Image.BICUBIC)
+    image = image.convert("RGB").resize(new, resample)
     left, top = int(round((new[0] - size) / 2)), int(round((new[1] - size) / 2))
     image = image.crop((left, top, left + size, top + size))
     x = torch.tensor(bytearray(image.tobytes()), dtype=torch.uint8).view(size, size, 3)
-    return (x.permute(2, 0, 1).float() / 255 - MEAN) / STD
+    return (x.permute(2, 0, 1).float() / 255 - mean) / std
 
 
 def yes_logit(model, tok, x, qs, owner):
@@ -135,7 +104,7 @@ def yes_logit(model, tok, x, qs, owner):
     assert model.config.text_config.vocab_size == dec + 2, "[DEC], [ENC] must be the last ids"
     yes, no = tok.convert_tokens_to_ids(["yes", "no"])
     img = model.vision_model(x, interpolate_pos_encoding=True).last_hidden_state  # (B, 1+P, D)
-    ids = [tok(pre_question(q), truncation=True, max_length=35).input_ids for q in qs]
+    ids = [tok(cb.pre_question(q), truncation=True, max_length=35).input_ids for q in qs]
     out = torch.zeros(len(qs), device=x.device)
     # one question length at a time, unpadded: transformers' BLIP text cross-attention drops
     # encoder_attention_mask (5.x), so padded question states would leak into the answer
@@ -179,131 +148,106 @@ def clip_cosine(model, tok):
     return cosine
 
 
-def clip_text(parsed: Parsed) -> str:
-    """Complex mode's CLIP text: the prompt without its ADJ tokens, re-joined with spaces."""
-    return " ".join(t for t, pos in parsed.tokens if pos != "ADJ")
-
-
-# --- detection and the 2D spatial rule (UniDet_eval/2D_spatial_eval.py) ---
-RELATIONS = ("on side of", "next to", "near", "on the left of", "on the right of",
-             "on the bottom of", "on the top of", "on top of")  # first substring found wins
-PREPOSITIONS = ("on top of", "on bottom of", "on the left", "on the right", "next to",
-                "on side of", "near")  # complex mode: objects around these
-PERSON = ("girl", "boy", "man", "woman")  # UniDet's label for them is "person"
-
-
+# --- detection (UniDet_eval: spatial, complex, 3d_spatial, numeracy) and depth ---
 def grounding_dino(model, processor, box_threshold=0.35, text_threshold=0.25):
-    """A scorer: detect(image, nouns) -> {noun: (score, xyxy box)} for each noun's best box, in
-    UniDet's frame (short side 479, max 480), where the distance threshold 150 is measured."""
+    """A scorer: detect(image, nouns) -> hits [(noun, confidence, xyxy box)], every box whose
+    phrase is one of the nouns (None skipped, each asked once), best first, in UniDet's frame
+    (cb.unidet_frame, 512 px -> 479), where the benchmark measures boxes and reads depth."""
 
     @torch.no_grad()
     def detect(image, nouns):
-        w, h = image.size
-        s = min(479 / min(w, h), 480 / max(w, h))
-        hits = segment.detect(model, processor, image.convert("RGB"), list(nouns), box_threshold,
+        nouns = [n for n in dict.fromkeys(nouns) if n]
+        if not nouns:
+            return []
+        (w, h), (fw, fh) = image.size, cb.unidet_frame(*image.size)
+        hits = segment.detect(model, processor, image.convert("RGB"), nouns, box_threshold,
                               text_threshold)
-        best = {}
-        for k, score, box in hits:  # best first: keep each noun's first
-            best.setdefault(nouns[k], (score, (box * s).tolist()))
-        return best
+        # clipped to the frame, as detectron2 clips UniDet's boxes (detector_postprocess)
+        scale, lim = torch.tensor([fw / w, fh / h] * 2), torch.tensor([fw, fh] * 2).float()
+        return [(nouns[k], conf, torch.minimum((box * scale).clamp(min=0), lim).tolist())
+                for k, conf, box in hits]
     return detect
 
 
-def spatial_objects(parsed: Parsed, complex_mode: bool):
-    """(obj1, obj2): first and last NOUN; complex mode: the NOUN/PROPN nearest before each
-    preposition and the first NOUN after (PROPN fallback), (None, None) unless exactly two."""
-    tok = parsed.tokens
-    if not complex_mode:
-        nouns = [t for t, pos in tok if pos == "NOUN"]
-        return (nouns[0], nouns[-1]) if nouns else (None, None)
-    objs, words = [], [t for t, _ in tok]
-    for i in range(len(tok)):
-        k = next((k for k in (3, 2, 1) if " ".join(words[i:i + k]) in PREPOSITIONS), 0)
-        if not k:
-            continue
-        objs += [t for t, pos in reversed(tok[:i]) if pos in ("NOUN", "PROPN")][:1]
-        after = [t for t, pos in tok[i + k:] if pos == "NOUN"][:1]
-        if not after:  # a PROPN not followed by another PROPN
-            after = [tok[j][0] for j in range(i + k, len(tok) - 1)
-                     if tok[j][1] == "PROPN" and tok[j + 1][1] != "PROPN"][:1]
-        objs += after
-    return tuple(objs) if len(objs) == 2 else (None, None)
+def dpt_depth(model, size=480):
+    """A scorer: depth(images, paths) -> [(h, w) depth in [0, 1], larger = nearer] in UniDet's
+    frame, through the benchmark's 8-bit depth PNGs, written to paths and read back."""
+    # HF checks a hybrid DPT's input side against config.image_size (384); the benchmark runs
+    # it at 480, its position embeddings resized bilinearly, which HF's forward then does too
+    if model.config.is_hybrid:
+        model.dpt.embeddings.image_size = (size, size)
 
-
-def position(rel, b1, b2, iou_threshold=0.1, distance=150.0) -> float:
-    """determine_position: how well xyxy boxes b1, b2 satisfy "obj1 {rel} obj2" (y grows down)."""
-    dx = (b2[0] + b2[2]) / 2 - (b1[0] + b1[2]) / 2  # centre of obj2 minus centre of obj1
-    dy = (b2[1] + b2[3]) / 2 - (b1[1] + b1[3]) / 2
-    inter = (max(0, min(b1[2], b2[2]) - max(b1[0], b2[0]))
-             * max(0, min(b1[3], b2[3]) - max(b1[1], b2[1])))
-    union = (b1[2] - b1[0]) * (b1[3] - b1[1]) + (b2[2] - b2[0]) * (b2[3] - b2[1]) - inter
-    iou = inter / union if union > 0 else 0.0
-    if rel in ("next to", "on side of", "near"):
-        return 1.0 if min(abs(dx), abs(dy)) < distance else distance / max(abs(dx), abs(dy))
-    # "on top of" is in RELATIONS but not here: the benchmark scores it 0
-    ok = {"on the left of": dx > 0 and abs(dx) > abs(dy), "on the right of": dx < 0 and
-          abs(dx) > abs(dy), "on the top of": dy > 0 and abs(dy) > abs(dx),
-          "on the bottom of": dy < 0 and abs(dy) > abs(dx)}.get(rel, False)
-    return 0.0 if not ok else 1.0 if iou < iou_threshold else iou_threshold / iou
-
-
-def spatial_score(rel, found1, found2) -> float:
-    """0.25 conf1 + 0.25 conf2 + 0.5 position, or 0.25 conf of the one found (score, box)."""
-    if found1 and found2:
-        s = 0.25 * found1[0] + 0.25 * found2[0] + position(rel, found1[1], found2[1]) / 2
-    else:
-        s = 0.25 * (found1 or found2 or (0.0,))[0]
-    return 0.0 if s < 0.5 else s
-
-
-# --- complex: the 3-in-1 mix (3_in_1_eval/3_in_1.py) ---
-def three_in_one(prompt, blip, spatial, clip, spatial_keys, action_keys) -> float:
-    """By type (lower-cased text before the first '.'): spatial (BLIP + det) / 2, action
-    (BLIP + CLIP) / 2, the rest the mean of all three."""
-    key = prompt.split(".")[0].lower()
-    if key in spatial_keys:
-        return (spatial + float(blip)) * 0.5
-    if key in action_keys:
-        return (clip + float(blip)) * 0.5
-    return (float(blip) + spatial + clip) / 3
+    @torch.no_grad()
+    def depth(images, paths):
+        # model_bank_3d: Resize([480, 480]) (bilinear squash), ToTensor, Normalize(0.5, 0.5)
+        x = torch.stack([pixels(im, size, False, Image.BILINEAR, 0.5, 0.5) for im in images])
+        pred = model(pixel_values=x.to(model.device, model.dtype)).predicted_depth  # (B, S, S)
+        for im, d, path in zip(images, pred.float().cpu(), paths):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            cb.depth_png(d, im.size).save(path)
+        return [cb.depth_map(Image.open(path)) for path in paths]
+    return depth
 
 
 # --- scoring a folder, generating one ---
 class Scorers(NamedTuple):
     vqa: Callable | None     # blip_vqa(...), for color, shape, texture, complex
     cosine: Callable | None  # clip_cosine(...), for non_spatial, complex
-    detect: Callable | None  # grounding_dino(...), for spatial, complex
+    detect: Callable | None  # grounding_dino(...), for spatial, complex, 3d_spatial, numeracy
+    depth: Callable | None   # dpt_depth(...), for 3d_spatial
 
 
-def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), batch=8) -> dict:
+def depth_file(folder, image_path):
+    """Where 3D_spatial_eval.py keeps an image's depth: labels/depth/{folder name}/samples/."""
+    name = os.path.basename(os.path.normpath(folder))
+    return os.path.join(folder, "labels", "depth", name, "samples", os.path.basename(image_path))
+
+
+def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), objects=(),
+          batch=8) -> dict:
     """Score folder/samples, write the vqa_result.json files; metric -> mean. types: the
-    (spatial, action) prompt keys of complex_val_{spatial,action}.txt."""
+    (spatial, action) prompt keys of complex_val_{spatial,action}.txt; objects: numeracy's
+    (singular, plural) lines of new_objects.txt."""
     samples = read_samples(folder)
-    parsed = {p: analyse(p, nlp) for p in {p for p, _ in samples}}
+    parsed = {p: cb.analyse(p, nlp) for p in {p for p, _ in samples}}
     res, complex_mode = {}, category == "complex"
     for i in tqdm(range(0, len(samples), batch), desc=category):
         part = samples[i:i + batch]
         images = [Image.open(path) for _, path in part]
         if category in NEEDS["blip"]:
-            qs = [(j, q) for j, (p, _) in enumerate(part) for q in questions(parsed[p].chunks) if q]
+            qs = [(j, q) for j, (p, _) in enumerate(part) for q in cb.questions(parsed[p].chunks)
+                  if q]
             probs = iter(scorers.vqa(images, [q for _, q in qs], [j for j, _ in qs]))
             for p, _ in part:  # each answer stored with 4 decimals, then the product
-                res.setdefault("blip", []).append(product(
-                    [f"{next(probs):.4f}" if q else None for q in questions(parsed[p].chunks)]))
+                res.setdefault("blip", []).append(cb.product(
+                    [f"{next(probs):.4f}" if q else None for q in cb.questions(parsed[p].chunks)]))
         if category in NEEDS["clip"]:
-            texts = [clip_text(parsed[p]) if complex_mode else p for p, _ in part]
+            texts = [cb.clip_text(parsed[p]) if complex_mode else p for p, _ in part]
             res.setdefault("clip", []).extend(scorers.cosine(images, texts))
-        if category in NEEDS["dino"]:
+        if category in ("spatial", "complex"):
             for (p, _), im in zip(part, images):
-                o1, o2 = [("person" if o in PERSON else o)
-                          for o in spatial_objects(parsed[p], complex_mode)]
-                names = [o for o in dict.fromkeys((o1, o2)) if o]  # each noun asked once
-                found = scorers.detect(im, names) if names else {}
-                rel = next((r for r in RELATIONS if r in p), None)
-                res.setdefault("spatial", []).append(spatial_score(rel, found.get(o1),
-                                                                   found.get(o2)))
+                o1, o2 = cb.spatial_objects(parsed[p], complex_mode)
+                best = {}
+                for name, conf, box in scorers.detect(im, [o1, o2]):
+                    best.setdefault(name, (conf, box))  # hits come best first
+                rel = next((r for r in cb.RELATIONS if r in p), None)
+                res.setdefault("spatial", []).append(cb.spatial_score(rel, best.get(o1),
+                                                                      best.get(o2)))
+        if category == "3d_spatial":
+            depths = scorers.depth(images, [depth_file(folder, path) for _, path in part])
+            for (p, _), im, d in zip(part, images, depths):
+                o1, o2 = cb.spatial_objects(parsed[p], False)
+                rel = next((r for r in cb.RELATIONS_3D if r in p), None)
+                res.setdefault("spatial_3d", []).append(
+                    cb.spatial_3d_score(rel, o1, o2, scorers.detect(im, [o1, o2]), d))
+        if category == "numeracy":
+            for (p, _), im in zip(part, images):
+                objs = cb.counted_objects([t for t, _ in parsed[p].tokens], objects)
+                hits = cb.dedup(scorers.detect(im, [cb.ALIAS.get(o, o) for o, _ in objs]))
+                res.setdefault("numeracy", []).append(
+                    cb.numeracy_score(objs, [lab for lab, _, _ in hits]))
     if complex_mode:
-        res["3_in_1"] = [three_in_one(p, b, s, c, *types) for (p, _), b, s, c in
+        res["3_in_1"] = [cb.three_in_one(p, b, s, c, *types) for (p, _), b, s, c in
                          zip(samples, res["blip"], res["spatial"], res["clip"])]
     return {m: write_result(folder, OUT[m], answers) for m, answers in res.items()}
 
@@ -366,7 +310,8 @@ def load_scorers(a, categories) -> Scorers:
                  a.blip_size) if need["blip"] else None,
         clip_cosine(load(CLIPModel, a.clip), load(AutoTokenizer, a.clip)) if need["clip"] else None,
         grounding_dino(load(GroundingDinoForObjectDetection, a.dino), load(AutoProcessor, a.dino),
-                       a.box_threshold, a.text_threshold) if need["dino"] else None)
+                       a.box_threshold, a.text_threshold) if need["dino"] else None,
+        dpt_depth(load(DPTForDepthEstimation, a.dpt)) if need["dpt"] else None)
 
 
 def main(argv=None):
@@ -387,6 +332,7 @@ def main(argv=None):
     ap.add_argument("--blip-size", type=int, default=480, help="BLIP input side (benchmark: 480)")
     ap.add_argument("--clip", help="CLIP folder (openai/clip-vit-base-patch32)")
     ap.add_argument("--dino", help="Grounding-DINO folder (IDEA-Research/grounding-dino-tiny)")
+    ap.add_argument("--dpt", help="DPT depth folder (Intel/dpt-hybrid-midas), for 3d_spatial")
     ap.add_argument("--box-threshold", type=float, default=0.35)
     ap.add_argument("--text-threshold", type=float, default=0.25)
     ap.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto")
@@ -396,13 +342,17 @@ def main(argv=None):
     cats = a.categories.split(",")
     try:
         assert set(cats) <= set(CATEGORIES), f"--categories: choose from {', '.join(CATEGORIES)}"
-        assert a.data or not (a.model or "complex" in cats), "--data is needed to generate or " \
-            "to route complex prompts"
+        assert a.data or not (a.model or {"complex", "numeracy"} & set(cats)), "--data is " \
+            "needed to generate, to route complex prompts and for numeracy's new_objects.txt"
         val = {c: val_prompts(a.data, c) for c in cats} if a.model else {}
         types = ((), ())
         if "complex" in cats:  # prompt keys: the text before the first '.', lower-cased
             types = [{ln.split(".")[0].lower() for ln in read_lines(os.path.join(
                 a.data, f"complex_val_{t}.txt"))} for t in ("spatial", "action")]
+        objects = ()
+        if "numeracy" in cats:  # "singular - plural" per line, as numeracy_eval.py splits it
+            objects = [tuple(w.strip().lower() for w in ln.split(" - "))
+                       for ln in read_lines(os.path.join(a.data, "new_objects.txt"))]
         scorers, nlp = load_scorers(a, cats), load_parser(a.parser)
         if a.model:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
@@ -413,9 +363,8 @@ def main(argv=None):
         print(f"noun chunks and POS tags: {'spaCy en_core_web_sm' if nlp else 'rule-based'}")
         rows = []
         for c in cats:
-            means = score(os.path.join(a.out, c), c, scorers, nlp, types, a.batch)
-            main_metric = {"spatial": "spatial", "non_spatial": "clip", "complex": "3_in_1"}
-            rows.append(means[main_metric.get(c, "blip")])
+            means = score(os.path.join(a.out, c), c, scorers, nlp, types, objects, a.batch)
+            rows.append(means[MAIN.get(c, "blip")])
             print(f"{c}: " + ", ".join(f"{m} {v:.4f} ({os.path.join(a.out, c, OUT[m])})"
                                       for m, v in means.items()))
     except (AssertionError, FileNotFoundError, ValueError, ImportError) as e:

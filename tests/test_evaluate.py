@@ -1,7 +1,8 @@
-"""evaluate.py: the T2I-CompBench rules on hand-made inputs, tiny random BLIP-VQA / CLIP /
-Grounding-DINO saved to tmp_path (no downloads), and the generate-then-score round trip.
-Prompts marked "val" are lines of T2I-CompBench's examples/dataset/*_val.txt (Karine-Huang/
-T2I-CompBench, MIT licence, Copyright (c) 2023 HKU), used here as test fixtures."""
+"""evaluate.py: tiny random BLIP-VQA / CLIP / Grounding-DINO / DPT-Hybrid saved to tmp_path (no
+downloads), the generate-then-score round trip for all eight categories, layout and CLI errors
+(the rules themselves: test_compbench.py). Prompts marked "val" are lines of T2I-CompBench's
+examples/dataset/*_val.txt (Karine-Huang/T2I-CompBench, MIT licence, Copyright (c) 2023 HKU),
+used here as test fixtures."""
 import json
 import os
 
@@ -9,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+import compbench as cb
 import evaluate as ev
 from oracle import tiny_grounded_sam
 from weights import clip_tokenizer
@@ -47,22 +49,21 @@ def tiny_clip(folder):
     return folder
 
 
-# val: color_val.txt lines 1-2, spatial_val.txt line 2, complex_val.txt
-QUESTIONS = {
-    "a green bench and a blue bowl": ["a green bench?", "a blue bowl?"],
-    "a blue bench and a green bowl": ["a blue bench?", "a green bowl?"],
-    "a girl on the top of a frog": ["a girl?", "the top?", "a frog?"],
-    "The fluffy cat is on the left of the soft pillow.": ["The fluffy cat?", "the soft pillow?"],
-    "a black and white cat next to a dog": ["a black and white cat?", "a dog?"],
-}
-
-
-@pytest.mark.parametrize("prompt", QUESTIONS)
-def test_questions_on_benchmark_prompts(prompt):
-    want = QUESTIONS[prompt]
-    assert ev.questions(ev.analyse(prompt).chunks) == want + [""] * (8 - len(want))
-    assert ev.questions(["top", "the left", "a cat"], n=2) == ["a cat?", ""]  # benchmark's filter
-    assert ev.pre_question('The "Big" cat: here!?') == "the big cat here?"
+def tiny_dpt(folder):
+    """Tiny random DPT-Hybrid (BiT stages + ViT), Intel/dpt-hybrid-midas's architecture; its
+    32 px config side is not the 480 it runs at, as 384 is not for the real one."""
+    from transformers import DPTConfig, DPTForDepthEstimation
+    bit = dict(hidden_sizes=[8, 16, 32], depths=[1, 1, 1], embedding_size=8, num_groups=2,
+               out_features=["stage1", "stage2", "stage3"], layer_type="bottleneck",
+               global_padding="same", embedding_dynamic_padding=True)
+    cfg = DPTConfig(is_hybrid=True, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=32, image_size=32, patch_size=16, backbone_config=bit,
+                    backbone_out_indices=[0, 1, 0, 1], neck_hidden_sizes=[8, 16, 16, 16],
+                    reassemble_factors=[1, 1, 1, 0.5], fusion_hidden_size=16,
+                    backbone_featmap_shape=[1, 32, 2, 2])
+    torch.manual_seed(0)
+    DPTForDepthEstimation(cfg).save_pretrained(folder)
+    return folder
 
 
 def test_yes_prob_against_logits(tmp_path):
@@ -83,69 +84,6 @@ def test_yes_prob_against_logits(tmp_path):
                                    ).logits[0, 0].softmax(-1)
             torch.testing.assert_close(g, p[v["yes"]] / (p[v["yes"]] + p[v["no"]]))
     assert len(ev.blip_vqa(model, tok, 40)([Image.new("RGB", (64, 48))] * 2, qs, owner)) == 3
-
-
-def test_product_with_empty_slots():
-    assert ev.product(["0.5000", None, "0.4000"] + [None] * 5) == "0.2000"
-    assert ev.product(["0.5000", "0.3333"]) == "0.1666"  # 0.16665 is 0.1666499.. in float32
-    assert ev.product([None] * 8) == "1.0000"
-    assert ev.product(["0.9999"] * 8) == "0.9992"
-
-
-B = (100, 100, 150, 150)  # obj1's box; obj2's boxes below are placed around it
-
-
-@pytest.mark.parametrize("rel, b2, want", [
-    ("next to", (400, 100, 450, 150), 1.0),      # |dy| = 0 < 150
-    ("near", (400, 400, 450, 450), 0.5),         # 150 / max(300, 300)
-    ("on side of", (200, 200, 250, 250), 1.0),
-    ("on the left of", (300, 110, 350, 160), 1.0),   # obj2 to the right, no overlap
-    ("on the left of", (110, 100, 160, 150), 0.1 / (2000 / 3000)),  # IoU 2/3 >= 0.1
-    ("on the left of", (0, 100, 50, 150), 0.0),      # wrong side
-    ("on the left of", (110, 300, 160, 350), 0.0),   # mostly vertical
-    ("on the right of", (0, 100, 50, 150), 1.0),
-    ("on the right of", (300, 100, 350, 150), 0.0),
-    ("on the top of", (100, 300, 150, 350), 1.0),    # obj1 above: obj2's centre lower
-    ("on the top of", (100, 0, 150, 50), 0.0),
-    ("on the bottom of", (100, 0, 150, 50), 1.0),
-    ("on the bottom of", (100, 300, 150, 350), 0.0),
-    ("on top of", (100, 300, 150, 350), 0.0),        # the benchmark scores "on top of" 0
-    (None, (300, 100, 350, 150), 0.0),
-])
-def test_position_rule(rel, b2, want):
-    assert ev.position(rel, B, b2) == pytest.approx(want)
-
-
-def test_spatial_score_weights_and_cutoff():
-    right, wrong = (0.8, (300, 100, 350, 150)), (0.6, (0, 100, 50, 150))
-    assert ev.spatial_score("on the left of", (0.6, B), right) == pytest.approx(0.85)
-    assert ev.spatial_score("on the left of", (0.9, B), wrong) == 0.0  # 0.375 < 0.5
-    assert ev.spatial_score("on the left of", (1.0, B), (1.0, wrong[1])) == 0.5
-    assert ev.spatial_score("next to", (0.9, B), None) == 0.0  # one object: 0.225 -> 0
-    assert ev.spatial_score("next to", None, None) == 0.0
-
-
-def test_spatial_objects_and_relation():
-    p = ev.analyse("a girl on the top of a frog")  # val: spatial_val.txt line 2
-    assert ev.spatial_objects(p, False) == ("girl", "frog")
-    p = ev.analyse("The blue water bottle was on top of the red backpack.")  # val: complex_val
-    assert ev.spatial_objects(p, True) == ("bottle", "backpack")
-    assert ev.clip_text(p) == "The water bottle was on top of the backpack ."
-    p = ev.analyse("a cat next to a dog near a tree")  # two prepositions: 4 objects -> none
-    assert ev.spatial_objects(p, True) == (None, None)
-    assert ev.spatial_objects(ev.analyse("near it"), False) == (None, None)  # no noun
-    # PROPN fallback after a preposition, as spaCy would tag it
-    tokens = [("cat", "NOUN"), ("near", "ADP"), ("Big", "PROPN"), ("Ben", "PROPN"), (".", "X")]
-    assert ev.spatial_objects(ev.Parsed(tokens, []), True) == ("cat", "Ben")
-
-
-def test_three_in_one_routing():
-    sp, ac = {"the cat was on top of the chair"}, {"the man is riding a horse"}
-    def mix(p):
-        return ev.three_in_one(p, "0.4000", 0.8, 0.3, sp, ac)
-    assert mix("The cat was on top of the chair.") == pytest.approx(0.6)  # (BLIP + det) / 2
-    assert mix("The man is riding a horse. Fast.") == pytest.approx(0.35)  # (BLIP + CLIP) / 2
-    assert mix("The man rides near a tree.") == pytest.approx(0.5)  # all three / 3
 
 
 def test_read_samples_errors(tmp_path):
@@ -187,6 +125,56 @@ def test_generate_then_score(tmp_path, capsys):
     before = os.path.getmtime(out / "color" / "samples" / names[0])
     ev.main([str(out), "--categories", "color", *flags])  # score only; samples untouched
     assert os.path.getmtime(out / "color" / "samples" / names[0]) == before
+
+
+def test_3d_spatial_and_numeracy(tmp_path, capsys):
+    data, out = tmp_path / "data", tmp_path / "out"
+    os.makedirs(data)
+    files = {"3d_spatial_val.txt": "a dog in front of a desk\na chair hidden by a mouse",  # val
+             "numeracy_val.txt": "two boys\none pear and three knives",  # val
+             "new_objects.txt": "boy - boys\npear - pears\nknife - knives"}
+    for name, text in files.items():
+        (data / name).write_text(text)
+    torch.manual_seed(0)
+    dino, _ = tiny_grounded_sam(str(tmp_path / "gs"), words=("dog", "desk", "person", "pear"))
+    dpt = tiny_dpt(str(tmp_path / "dpt"))
+    flags = ["--data", str(data), "--dino", dino, "--parser", "rules"]
+    ev.main([str(out), "--categories", "3d_spatial,numeracy", "--model", "tiny", "--n", "2",
+             "--steps", "1", "--size", "32", "--dpt", dpt, *flags])
+    printed = capsys.readouterr().out
+    assert "3d_spatial: spatial_3d" in printed and "numeracy: numeracy" in printed
+    for sub in ("3d_spatial/labels/annotation_obj_detection_3d", "numeracy/annotation_num"):
+        res = json.load(open(out / sub / "vqa_result.json"))
+        assert [r["question_id"] for r in res] == [0, 1, 2, 3]
+        assert all(0 <= r["answer"] <= 1 for r in res)
+    depth_dir = out / "3d_spatial" / "labels" / "depth" / "3d_spatial" / "samples"
+    png = Image.open(depth_dir / "a dog in front of a desk_000001.png")
+    assert png.mode == "L" and png.size == (32, 32)  # 8 bits, at the image's size
+    # hand-made boxes (479-px frame), best first, through score(): numbers known by hand
+    hits = [("person", 0.9, (0, 0, 99, 99)), ("person", 0.8, (1, 1, 99, 99)),  # a duplicate
+            ("person", 0.7, (200, 200, 299, 299)), ("pear", 0.6, (0, 0, 50, 50)),
+            ("dog", 0.8, (0, 0, 100, 100)), ("desk", 0.4, (20, 0, 120, 100))]  # IoU 2/3
+
+    def detect(image, nouns):
+        return [h for h in hits if h[0] in nouns]
+    from transformers import DPTForDepthEstimation
+    scorers = ev.Scorers(None, None, detect, ev.dpt_depth(DPTForDepthEstimation.from_pretrained(
+        dpt).eval()))
+    means = ev.score(str(out / "numeracy"), "numeracy", scorers, objects=[
+        ("boy", "boys"), ("pear", "pears"), ("knife", "knives")])
+    assert means == {"numeracy": (1 + 1 + 0.5 + 0.5) / 4}  # two people; a pear but no knives
+    ev.score(str(out / "3d_spatial"), "3d_spatial", scorers)
+    res = json.load(open(out / "3d_spatial/labels/annotation_obj_detection_3d/vqa_result.json"))
+    for k in (0, 1):  # dog (nearer or not, by this image's depth file) in front of the desk
+        d = cb.depth_map(Image.open(depth_dir / f"a dog in front of a desk_00000{k}.png"))
+        near = cb.box_depth(d, hits[4][2]) > cb.box_depth(d, hits[5][2])
+        assert res[k]["answer"] == pytest.approx(0.3 + 0.5 * near)
+    assert [r["answer"] for r in res[2:]] == [0.0, 0.0]  # no chair or mouse among the hits
+    ev.main([str(out), "--categories", "numeracy", *flags])  # no --dpt needed to score it
+    with pytest.raises(SystemExit, match="--dpt must be a local model folder for 3d_spatial"):
+        ev.main([str(out), "--categories", "3d_spatial", *flags])
+    with pytest.raises(SystemExit, match="--data is needed"):
+        ev.main([str(out), "--categories", "numeracy", "--dino", dino])
 
 
 def test_one_line_errors(tmp_path):
