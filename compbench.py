@@ -171,10 +171,9 @@ def depth_position(rel, b1, b2, depth, iou_threshold=0.5) -> float:
     ("behind", "hidden"), by mean box depth (larger = nearer); then 1 if IoU > 0.5, IoU / 0.5 if
     0 < IoU < 0.5, else 0 (boxes that do not overlap score 0; benchmark issue #23)."""
     d = box_depth(depth, b1) - box_depth(depth, b2)
-    right = {"in front of": d > 0, "behind": d < 0, "hidden": d < 0}.get(rel, False)
-    iou = box_iou(b1, b2)
-    if not right:
+    if not {"in front of": d > 0, "behind": d < 0, "hidden": d < 0}.get(rel, False):
         return 0.0
+    iou = box_iou(b1, b2)
     return 1.0 if iou > iou_threshold else iou / iou_threshold if 0 < iou < iou_threshold else 0.0
 
 

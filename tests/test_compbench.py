@@ -152,10 +152,11 @@ def test_spatial_3d_score_weights_without_cutoff():
     assert cb.spatial_3d_score("behind", "dog", "desk", [], X) == 0.0
 
 
-PAIRS = [tuple(ln.split(" - ")) for ln in """boy - boys|fish - fish|turtle - turtles|person - people
-pear - pears|knife - knives|backpack - backpacks|apple - apples|strawberry - strawberries|bowl - bowls
-banana - bananas|bee - bees|egg - eggs|painting - paintings|goldfish - goldfish|dog - dogs|man - men
-deer - deer|teddy bear - teddy bears""".replace("\n", "|").split("|")]  # the last one made up
+PAIRS = [tuple(ln.split(" - ")) for ln in """boy - boys|fish - fish|turtle - turtles|man - men
+person - people|pear - pears|knife - knives|backpack - backpacks|apple - apples|bowl - bowls
+strawberry - strawberries|banana - bananas|bee - bees|egg - eggs|painting - paintings|dog - dogs
+goldfish - goldfish|deer - deer|teddy bear - teddy bears""".replace("\n", "|").split("|")]
+# (the last pair is made up: new_objects.txt has no two-word entry, the rule allows one)
 
 
 @pytest.mark.parametrize("prompt, want", [  # val: numeracy_val.txt, then made-up quirks
