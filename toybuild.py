@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 
 import numpy as np
@@ -221,34 +220,21 @@ def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def confuse(text: str, rng: np.random.Generator) -> str:
-    """A wrong caption one edit away: the colours of two different shapes swapped (p 0.5 when a
-    caption names them), else one colour or shape word replaced by another. (Swapping the
-    colours of two same-shape objects would say the same thing: the captioner built before
-    ee2215c was trained with that flaw, which pushed one word order over the other.)"""
+    """A wrong caption one edit away: two colours swapped (p 0.5 when a caption names two
+    different colours), else one colour or shape word replaced by another."""
     w = text.split()
     cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
     shapes = [i for i, x in enumerate(w) if x in tw.SHAPES]
-    if (len(cols) >= 2 and w[cols[0]] != w[cols[1]] and w[cols[0] + 1] != w[cols[1] + 1]
-            and rng.random() < 0.5):
+    # A known flaw, kept because the shipped captioner was built with it (README: toy world):
+    # for two same-shape objects joined by "and" the swap says the same thing, so the hinge
+    # also pushes one word order above the other.
+    if len(cols) >= 2 and w[cols[0]] != w[cols[1]] and rng.random() < 0.5:
         w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
     elif cols or shapes:
         i = int(rng.choice(cols + shapes))
         pool = list(tw.COLOURS) if w[i] in tw.COLOURS else list(tw.SHAPES)
         w[i] = str(rng.choice([x for x in pool if x != w[i]]))
     return " ".join(w)
-
-
-def miscount(text: str, rng: np.random.Generator) -> str:
-    """A wrong caption naming one object too few or too many: one object kept of several, or a
-    palette object added. The base model's commonest errors are an extra shape and a missing one,
-    and both change only where a caption ends (one token of ten), so the token-mean likelihood
-    hardly sees them unless the captioner is taught that a caption ending early is wrong."""
-    objs = re.findall(r"a \S+ \S+", text.removesuffix(" with noise"))  # 'a red circle', 'a mixed blob'
-    noise = " with noise" if text.endswith("noise") else ""
-    if len(objs) >= 2:
-        return str(rng.choice(objs)) + noise
-    extra = f"a {rng.choice(list(tw.COLOURS))} {rng.choice(tw.SHAPES)}"
-    return " and ".join([*objs, extra]) + noise
 
 
 def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: int,
@@ -292,9 +278,8 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
       caption within RMS PGD_EPS, then trained on its true caption (re-read by the evaluator),
       the standard way to get perceptually aligned input gradients;
-    - binding and counting: on the unperturbed images the true caption must beat its
-      confusion (colours swapped or one word changed) and its miscount (an object dropped or
-      added) by MARGIN nats per token (hinges)."""
+    - binding: on the clean images the true caption must beat its confusion (colours swapped
+      or one word changed) by MARGIN nats per token (a hinge)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
     model = blip(tok)
@@ -310,11 +295,9 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
         adv_caps = [c if tw.describe(b) == tw.describe(a) else tw.describe(b, rng)
                     for a, b, c in zip(tw.to_uint8(x[:k]), tw.to_uint8(adv), caps[:k])]
         right = caption_logprob(cap, torch.cat([x, adv]), caps + adv_caps)  # (B + k,)
-        clean = x[k:]  # the hinges act on the images left unperturbed, (n, 3, 64, 64)
-        worse = caption_logprob(cap, torch.cat([clean, clean]),
-                                wrong[k:] + [miscount(c, rng) for c in caps[k:]])  # (2 n,)
-        hinge = F.relu(MARGIN - (right[k:len(x)].repeat(2) - worse))  # (2 n,)
-        return -right.mean() + hinge.view(2, -1).mean(1).sum()
+        confused = caption_logprob(cap, x[k:], wrong[k:])
+        hinge = F.relu(MARGIN - (right[k:len(x)] - confused))
+        return -right.mean() + hinge.mean()
     optimise(model.parameters(), steps, 5e-4, loss, "captioner")
     return model.eval()
 
