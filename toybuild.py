@@ -145,13 +145,15 @@ def text_encoder(tok) -> CLIPTextModel:
                                        pad_token_id=tok.pad_token_id, **TEXT))
 
 
-def train_unet(scenes, latents, steps: int, seed: int) -> tuple[UNet, object, CLIPTextModel]:
+def train_unet(scenes, latents, steps: int, seed: int, start=None
+               ) -> tuple[UNet, object, CLIPTextModel]:
     """eps-prediction with SD's noise schedule, text encoder trained jointly, on (latent,
-    INCOMPLETE caption) pairs; EMPTY_P empty captions for classifier-free guidance."""
+    INCOMPLETE caption) pairs; EMPTY_P empty captions for classifier-free guidance.
+    start: (unet, text encoder) to continue instead of new ones (bench/toy_base_longer.py)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
     tok = word_tokenizer()
-    unet, enc = UNet(UNET_CFG), text_encoder(tok)
+    unet, enc = start if start is not None else (UNet(UNET_CFG), text_encoder(tok))
     abar = alphas_cumprod()
 
     def loss(i):

@@ -1,0 +1,61 @@
+"""Would a stronger toy base model draw both objects of a held-out pair more often? Continues the
+shipped UNet and text encoder (toy/) for N more steps of the base stage's own training
+(toybuild.train_unet: same incomplete captions, batch, loss and lr schedule, a fresh AdamW, a new
+pool of scenes encoded by the shipped VAE at its own scale), writes the result as a model folder
+(toy/ with unet/ and text_encoder/ replaced), and prints toy_failures' breakdown of the shipped
+and the continued model on the evaluation prompts.
+Usage: python bench/toy_base_longer.py [--steps 3000] [--out runs/toy-longer] [--seeds 2]
+"""
+import argparse
+import copy
+import os
+import shutil
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import toy_failures  # noqa: E402
+import toybuild as tb  # noqa: E402
+import weights  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=3000, help="more UNet steps (the build ran 6750)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "toy-longer"))
+    ap.add_argument("--seeds", type=int, default=2, help="sampling seeds of the breakdown")
+    ap.add_argument("--seed", type=int, default=1, help="training seed (the build used 0)")
+    a = ap.parse_args()
+    pipe = weights.load(weights.TOY)
+    unet = pipe.unet.train().requires_grad_(True)
+    enc = pipe.encoders[0].train().requires_grad_(True)
+    # the same pool size rule as the build; latents at the shipped VAE's scale (sample.decode's)
+    n = min(tb.LATENT_POOL, 4 * a.steps * tb.BATCH["unet"])
+    scenes, latents, scale = tb.encode_pool(pipe.vae, n, a.seed)
+    latents = latents / scale * pipe.vae.cfg.scale
+    unet, tok, enc = tb.train_unet(scenes, latents, a.steps, a.seed, start=(unet, enc))
+    tmp = a.out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(weights.TOY, tmp)
+    for part in ("unet", "text_encoder"):
+        shutil.rmtree(os.path.join(tmp, part))
+    tb.save_part(os.path.join(tmp, "unet"), tb.unet_json(tb.UNET_CFG, 16), unet)
+    copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.replace(tmp, a.out)
+    lines = []
+    for name, folder in (("shipped base", weights.TOY), (f"+ {a.steps} steps", a.out)):
+        table = toy_failures.breakdown(weights.load(folder), range(a.seeds))
+        lines += [f"| {name} | {cat} | " + " | ".join(f"{100 * row[c]:.1f}"
+                                                     for c in toy_failures.COLUMNS) + " |"
+                  for cat, row in table.items()]
+    print("| model | category | " + " | ".join(toy_failures.COLUMNS) + " |")
+    print("|---|---|" + "---|" * len(toy_failures.COLUMNS))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
