@@ -1,10 +1,13 @@
 """T2I-CompBench's scoring rules as its scripts compute them (Karine-Huang/T2I-CompBench 1b70949,
 MIT; spec ../shared/spec/t2i-compbench.md): prompt analysis, the BLIP-VQA questions and product,
-the 2D and 3D spatial rules, numeracy, the 3-in-1 mix. Pure functions of strings, numbers, boxes
-and depth maps, each tested on hand-made inputs; evaluate.py runs the models, the layout, the CLI.
+the 2D and 3D spatial rules, numeracy, the 3-in-1 mix, as pure functions of strings, numbers,
+boxes and depth maps, each tested on hand-made inputs; and the benchmark's files (image layout,
+vqa_result.json outputs, prompt files, spaCy). evaluate.py runs the models, generation, the CLI.
 Boxes are xyxy floats in UniDet's frame (the image resized to short side 479, long side <= 480),
 where the benchmark's detector sees the image; hits are (label, confidence, box), best first.
 """
+import json
+import os
 import re
 from typing import NamedTuple
 
@@ -281,3 +284,74 @@ def three_in_one(prompt, blip, spatial, clip, spatial_keys, action_keys) -> floa
     if key in action_keys:
         return (clip + float(blip)) * 0.5
     return (float(blip) + spatial + clip) / 3
+
+
+# --- the benchmark's files: image layout, outputs, prompt files, parser ---
+# Where each metric's vqa_result.json goes, as the benchmark's scripts write it.
+OUT = {"blip": "annotation_blip", "spatial": "labels/annotation_obj_detection_2d",
+       "clip": "annotation_clip", "3_in_1": "annotation_3_in_1",
+       "spatial_3d": "labels/annotation_obj_detection_3d", "numeracy": "annotation_num"}
+
+
+def read_samples(folder: str) -> list[tuple[str, str]]:
+    """(prompt, path) per image of folder/samples in index order; the index must be 0..N-1 (#17)."""
+    d = os.path.join(folder, "samples")
+    if not os.path.isdir(d):
+        raise FileNotFoundError(f"no samples/ folder in {folder}")
+    found = {}
+    for f in os.listdir(d):
+        m = re.fullmatch(r"([^_]+)_.*?(\d+)\.png", f)
+        if not m:
+            raise ValueError(f"{d}/{f} is not named {{prompt}}_{{NNNNNN}}.png")
+        found[int(m[2])] = (m[1], os.path.join(d, f))
+    if sorted(found) != list(range(len(found))) or not found:
+        raise ValueError(f"{d}: image indices must run 0..N-1, found {len(found)} images")
+    return [found[i] for i in range(len(found))]
+
+
+def write_result(folder: str, sub: str, answers: list) -> float:
+    """The benchmark's vqa_result.json ({"question_id", "answer"} per image); returns the mean."""
+    os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    path = os.path.join(folder, sub, "vqa_result.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump([{"question_id": i, "answer": a} for i, a in enumerate(answers)], f)
+    os.replace(path + ".tmp", path)
+    return sum(float(a) for a in answers) / len(answers)
+
+
+def load_parser(kind: str):
+    """spaCy's en_core_web_sm (the benchmark's parser) or None for the rule-based chunker."""
+    if kind != "rules":
+        try:
+            import spacy
+            return spacy.load("en_core_web_sm")
+        except (ImportError, OSError):
+            if kind == "spacy":
+                raise ImportError("--parser spacy needs spacy and en_core_web_sm installed")
+    return None
+
+
+def depth_file(folder, image_path):
+    """Where 3D_spatial_eval.py keeps an image's depth: labels/depth/{folder name}/samples/."""
+    name = os.path.basename(os.path.normpath(folder))
+    return os.path.join(folder, "labels", "depth", name, "samples", os.path.basename(image_path))
+
+
+def read_lines(path):
+    """A benchmark prompt file (CRLF, no final newline): its stripped non-empty lines."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"prompt file not found: {path}")
+    return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+
+
+def complex_types(data: str) -> list[set]:
+    """The (spatial, action) prompt keys of complex_val_{spatial,action}.txt for three_in_one:
+    each line's text before the first '.', lower-cased."""
+    return [{ln.split(".")[0].lower() for ln in read_lines(os.path.join(
+        data, f"complex_val_{t}.txt"))} for t in ("spatial", "action")]
+
+
+def numeracy_objects(data: str) -> list[tuple[str, ...]]:
+    """new_objects.txt's "singular - plural" lines, split as numeracy_eval.py splits them."""
+    return [tuple(w.strip().lower() for w in ln.split(" - "))
+            for ln in read_lines(os.path.join(data, "new_objects.txt"))]

@@ -5,15 +5,13 @@ rule for spatial; CLIP for non-spatial; their 3-in-1 mix for complex; detector +
 layout, generation and the CLI; the rules themselves are compbench.py's pure functions.
 Deviations: Grounding-DINO, not UniDet (detector scores are not comparable with published
 numbers); spaCy's en_core_web_sm only when installed, else segment.py's rule-based chunker.
-Layout: OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k, seed 42 + k).
+Layout (compbench.read_samples): OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k, seed 42 + k).
 Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset --model toy
     --blip blip-vqa-capfilt-large --clip clip-vit-base-patch32 --dino grounding-dino-tiny
     --dpt dpt-hybrid-midas
 """
 import argparse
-import json
 import os
-import re
 import sys
 from typing import Callable, NamedTuple
 
@@ -23,6 +21,7 @@ from tqdm import tqdm
 from transformers import (AutoProcessor, AutoTokenizer, BlipForQuestionAnswering, CLIPModel,
                           DPTForDepthEstimation, GroundingDinoForObjectDetection)
 
+import captioner
 import compbench as cb
 import segment
 import toyworld as tw
@@ -34,52 +33,10 @@ CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", 
 NEEDS = {"blip": ("color", "shape", "texture", "complex"), "clip": ("non_spatial", "complex"),
          "dino": ("spatial", "complex", "3d_spatial", "numeracy"),
          "dpt": ("3d_spatial",)}  # which scorer each category runs
-# Where each metric's vqa_result.json goes, as the benchmark's scripts write it.
-OUT = {"blip": "annotation_blip", "spatial": "labels/annotation_obj_detection_2d",
-       "clip": "annotation_clip", "3_in_1": "annotation_3_in_1",
-       "spatial_3d": "labels/annotation_obj_detection_3d", "numeracy": "annotation_num"}
 MAIN = {"spatial": "spatial", "non_spatial": "clip", "complex": "3_in_1",
         "3d_spatial": "spatial_3d", "numeracy": "numeracy"}  # the table's metric; else blip
-# BLIP and CLIP were both trained with CLIP's normalisation constants.
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
-
-
-def read_samples(folder: str) -> list[tuple[str, str]]:
-    """(prompt, path) per image of folder/samples in index order; the index must be 0..N-1 (#17)."""
-    d = os.path.join(folder, "samples")
-    if not os.path.isdir(d):
-        raise FileNotFoundError(f"no samples/ folder in {folder}")
-    found = {}
-    for f in os.listdir(d):
-        m = re.fullmatch(r"([^_]+)_.*?(\d+)\.png", f)
-        if not m:
-            raise ValueError(f"{d}/{f} is not named {{prompt}}_{{NNNNNN}}.png")
-        found[int(m[2])] = (m[1], os.path.join(d, f))
-    if sorted(found) != list(range(len(found))) or not found:
-        raise ValueError(f"{d}: image indices must run 0..N-1, found {len(found)} images")
-    return [found[i] for i in range(len(found))]
-
-
-def write_result(folder: str, sub: str, answers: list) -> float:
-    """The benchmark's vqa_result.json ({"question_id", "answer"} per image); returns the mean."""
-    os.makedirs(os.path.join(folder, sub), exist_ok=True)
-    with open(os.path.join(folder, sub, "vqa_result.json"), "w") as f:
-        json.dump([{"question_id": i, "answer": a} for i, a in enumerate(answers)], f)
-    return sum(float(a) for a in answers) / len(answers)
-
-
-# --- prompt analysis: spaCy's en_core_web_sm if installed, else segment.py's chunker ---
-def load_parser(kind: str):
-    """spaCy's en_core_web_sm (the benchmark's parser) or None for the rule-based chunker."""
-    if kind != "rules":
-        try:
-            import spacy
-            return spacy.load("en_core_web_sm")
-        except (ImportError, OSError):
-            if kind == "spacy":
-                raise ImportError("--parser spacy needs spacy and en_core_web_sm installed")
-    return None
+# BLIP and CLIP were both trained with CLIP's normalisation constants (captioner.py's), (3, 1, 1)
+MEAN, STD = (torch.tensor(v)[:, None, None] for v in (captioner.MEAN, captioner.STD))
 
 
 # --- BLIP-VQA (BLIPvqa_eval: colour, shape, texture, complex's attribute part) ---
@@ -197,18 +154,12 @@ class Scorers(NamedTuple):
     depth: Callable | None   # dpt_depth(...), for 3d_spatial
 
 
-def depth_file(folder, image_path):
-    """Where 3D_spatial_eval.py keeps an image's depth: labels/depth/{folder name}/samples/."""
-    name = os.path.basename(os.path.normpath(folder))
-    return os.path.join(folder, "labels", "depth", name, "samples", os.path.basename(image_path))
-
-
 def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), objects=(),
           batch=8) -> dict:
     """Score folder/samples, write the vqa_result.json files; metric -> mean. types: the
     (spatial, action) prompt keys of complex_val_{spatial,action}.txt; objects: numeracy's
     (singular, plural) lines of new_objects.txt."""
-    samples = read_samples(folder)
+    samples = cb.read_samples(folder)
     parsed = {p: cb.analyse(p, nlp) for p in {p for p, _ in samples}}
     res, complex_mode = {}, category == "complex"
     for i in tqdm(range(0, len(samples), batch), desc=category):
@@ -234,7 +185,7 @@ def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), objects=
                 res.setdefault("spatial", []).append(cb.spatial_score(rel, best.get(o1),
                                                                       best.get(o2)))
         if category == "3d_spatial":
-            depths = scorers.depth(images, [depth_file(folder, path) for _, path in part])
+            depths = scorers.depth(images, [cb.depth_file(folder, path) for _, path in part])
             for (p, _), im, d in zip(part, images, depths):
                 o1, o2 = cb.spatial_objects(parsed[p], False)
                 rel = next((r for r in cb.RELATIONS_3D if r in p), None)
@@ -249,7 +200,7 @@ def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), objects=
     if complex_mode:
         res["3_in_1"] = [cb.three_in_one(p, b, s, c, *types) for (p, _), b, s, c in
                          zip(samples, res["blip"], res["spatial"], res["clip"])]
-    return {m: write_result(folder, OUT[m], answers) for m, answers in res.items()}
+    return {m: cb.write_result(folder, cb.OUT[m], answers) for m, answers in res.items()}
 
 
 def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, size=512,
@@ -281,14 +232,7 @@ def val_prompts(data, category):
     if data == "toy":
         assert category == "color", f"--data toy has color prompts only, not {category}"
         return tw.EVAL_PROMPTS["two"]
-    return read_lines(os.path.join(data, f"{category}_val.txt"))
-
-
-def read_lines(path):
-    """A benchmark prompt file (CRLF, no final newline): its stripped non-empty lines."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"prompt file not found: {path}")
-    return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    return cb.read_lines(os.path.join(data, f"{category}_val.txt"))
 
 
 def load_scorers(a, categories) -> Scorers:
@@ -345,15 +289,9 @@ def main(argv=None):
         assert a.data or not (a.model or {"complex", "numeracy"} & set(cats)), "--data is " \
             "needed to generate, to route complex prompts and for numeracy's new_objects.txt"
         val = {c: val_prompts(a.data, c) for c in cats} if a.model else {}
-        types = ((), ())
-        if "complex" in cats:  # prompt keys: the text before the first '.', lower-cased
-            types = [{ln.split(".")[0].lower() for ln in read_lines(os.path.join(
-                a.data, f"complex_val_{t}.txt"))} for t in ("spatial", "action")]
-        objects = ()
-        if "numeracy" in cats:  # "singular - plural" per line, as numeracy_eval.py splits it
-            objects = [tuple(w.strip().lower() for w in ln.split(" - "))
-                       for ln in read_lines(os.path.join(a.data, "new_objects.txt"))]
-        scorers, nlp = load_scorers(a, cats), load_parser(a.parser)
+        types = cb.complex_types(a.data) if "complex" in cats else ((), ())
+        objects = cb.numeracy_objects(a.data) if "numeracy" in cats else ()
+        scorers, nlp = load_scorers(a, cats), cb.load_parser(a.parser)
         if a.model:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
             pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
@@ -365,7 +303,7 @@ def main(argv=None):
         for c in cats:
             means = score(os.path.join(a.out, c), c, scorers, nlp, types, objects, a.batch)
             rows.append(means[MAIN.get(c, "blip")])
-            print(f"{c}: " + ", ".join(f"{m} {v:.4f} ({os.path.join(a.out, c, OUT[m])})"
+            print(f"{c}: " + ", ".join(f"{m} {v:.4f} ({os.path.join(a.out, c, cb.OUT[m])})"
                                       for m, v in means.items()))
     except (AssertionError, FileNotFoundError, ValueError, ImportError) as e:
         sys.exit(f"error: {e}")

@@ -22,6 +22,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import compbench as cb  # noqa: E402
 import evaluate as ev  # noqa: E402
 import toybuild as tb  # noqa: E402
 import toyworld as tw  # noqa: E402
@@ -73,9 +74,9 @@ def heldout_accuracy(vqa, n: int, seed: int) -> dict[str, float]:
 def agreement(folder: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per image of folder/color: the BLIP-VQA score evaluate.py wrote, and the analytic
     evaluator's objects_ok and correct on the same PNG."""
-    blip = json.load(open(os.path.join(folder, "color", ev.OUT["blip"], "vqa_result.json")))
+    blip = json.load(open(os.path.join(folder, "color", cb.OUT["blip"], "vqa_result.json")))
     rows = [tw.score(np.array(Image.open(path).convert("RGB")), p)
-            for p, path in ev.read_samples(os.path.join(folder, "color"))]
+            for p, path in cb.read_samples(os.path.join(folder, "color"))]
     return (np.array([float(r["answer"]) for r in blip]),
             np.array([r["objects_ok"] for r in rows], dtype=float),
             np.array([r["correct"] for r in rows], dtype=float))

@@ -91,10 +91,10 @@ def test_read_samples_errors(tmp_path):
     for name in ("a cat_000000.png", "a dog_000002.png"):
         Image.new("RGB", (8, 8)).save(tmp_path / "samples" / name)
     with pytest.raises(ValueError, match="must run 0..N-1"):
-        ev.read_samples(str(tmp_path))
+        cb.read_samples(str(tmp_path))
     Image.new("RGB", (8, 8)).save(tmp_path / "samples" / "cat.png")
     with pytest.raises(ValueError, match="is not named"):
-        ev.read_samples(str(tmp_path))
+        cb.read_samples(str(tmp_path))
 
 
 def test_generate_then_score(tmp_path, capsys):
