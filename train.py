@@ -11,10 +11,7 @@ import argparse
 import copy
 import json
 import os
-import pickle
 import random
-import re
-import shutil
 import tempfile
 import time
 import warnings
@@ -34,7 +31,7 @@ import viz
 from captioner import caption_logprob, load_captioner, random_crop
 from segment import align, grounded_sam, load_segmenter, objects
 from unet import LoRALinear, add_lora, fold_lora, lora_state_dict
-from weights import TOY, load, save_weights
+from weights import TOY, load, load_checkpoint, save_checkpoint, save_weights
 
 
 @dataclass(frozen=True)
@@ -104,24 +101,6 @@ def average_grads(params, world):
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
             p.grad /= world
-
-
-def save_checkpoint(out, step, unet, D, opt, opt_d, full):
-    """Write out/ckpt-STEP atomically (temp folder, rename), then point out/latest at it."""
-    final, tmp = os.path.join(out, f"ckpt-{step}"), os.path.join(out, f"ckpt-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_weights(unet.state_dict() if full else lora_state_dict(unet),
-                 os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
-    save_weights(D.state_dict(), os.path.join(tmp, "disc.safetensors"))
-    torch.save({"step": step, "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
-                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as fh:
-        fh.write(os.path.basename(final))
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    return final
 
 
 def main(argv=None):
@@ -283,27 +262,8 @@ def train(cfg, given, probe=None):
 
     # --- resume ---
     start, log_rows, nan_run = 0, [], 0
-    latest = os.path.join(cfg.out, "latest")
-    if cfg.resume and os.path.exists(latest):
-        ck = os.path.join(cfg.out, open(latest).read().strip())
-        w = load_file(os.path.join(ck, "lora.safetensors" if cfg.rank else "unet.safetensors"))
-        bad = unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()},
-                                   strict=False).unexpected_keys
-        assert not bad, f"checkpoint {ck} does not fit this model: {bad[:3]}"
-        D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
-        # weights_only: tensors, numbers, dicts and lists only; a pickled object in a shared
-        # checkpoint could run code when loaded, so it is refused, never unpickled
-        try:
-            st = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            raise SystemExit(f"error: {ck}/state.pt holds a pickled object "
-                             f"({what[1] if what else 'not a tensor, number, list or dict'}); "
-                             f"refused, since unpickling it could run code") from None
-        for o, key in ((opt, "opt"), (opt_d, "opt_d")):
-            o.load_state_dict(st[key])
-        torch.set_rng_state(st["torch_rng"])
-        start = st["step"]
+    if cfg.resume and os.path.exists(os.path.join(cfg.out, "latest")):
+        start = load_checkpoint(cfg.out, unet, D, opt, opt_d, not cfg.rank)
         log_path = os.path.join(cfg.out, "log.jsonl")
         log_rows = [r for r in map(json.loads, open(log_path)) if r["step"] <= start]
     log = open(os.path.join(cfg.out, "log.jsonl") if rank == 0 else os.devnull, "w")

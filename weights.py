@@ -8,6 +8,9 @@ Usage: `pipe = load_pipeline("path/to/stable-diffusion-xl-base-1.0", "cuda", tor
 """
 import json
 import os
+import pickle
+import re
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet, UNetConfig
+from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet, UNetConfig, lora_state_dict
 from vae import SD15_VAE, SDXL_VAE, TINY_VAE, VAE, VAEConfig, rename_legacy_vae_keys
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -347,3 +350,46 @@ def merge_lora(unet, sd):
         w = mods[n].weight
         scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
         w.data += scale * (up.to(w) @ down.to(w))  # (out, r) @ (r, in)
+
+
+# --- training checkpoints (train.py): LoRA or UNet, discriminator, optimisers, RNG ---
+def save_checkpoint(out, step, unet, D, opt, opt_d, full):
+    """Write out/ckpt-STEP atomically (temp folder, rename), then point out/latest at it."""
+    final, tmp = os.path.join(out, f"ckpt-{step}"), os.path.join(out, f"ckpt-{step}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_weights(unet.state_dict() if full else lora_state_dict(unet),
+                 os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
+    save_weights(D.state_dict(), os.path.join(tmp, "disc.safetensors"))
+    torch.save({"step": step, "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
+                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as fh:
+        fh.write(os.path.basename(final))
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    return final
+
+
+def load_checkpoint(out, unet, D, opt, opt_d, full) -> int:
+    """Load out/latest (save_checkpoint's) into the models and optimisers, and torch's RNG;
+    returns its step. A checkpoint of another model, or one holding a pickled object, is an
+    error: state.pt is read with weights_only (tensors, numbers, dicts and lists only), since a
+    pickled object in a shared checkpoint could run code when loaded."""
+    ck = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
+    w = load_file(os.path.join(ck, "unet.safetensors" if full else "lora.safetensors"))
+    bad = unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()},
+                               strict=False).unexpected_keys
+    assert not bad, f"checkpoint {ck} does not fit this model: {bad[:3]}"
+    D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
+    try:
+        st = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise SystemExit(f"error: {ck}/state.pt holds a pickled object "
+                         f"({what[1] if what else 'not a tensor, number, list or dict'}); "
+                         f"refused, since unpickling it could run code") from None
+    for o, key in ((opt, "opt"), (opt_d, "opt_d")):
+        o.load_state_dict(st[key])
+    torch.set_rng_state(st["torch_rng"])
+    return st["step"]

@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
