@@ -15,25 +15,25 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-import segment
+import chunker
 
 
-# --- prompt analysis: spaCy's en_core_web_sm when given, else segment.py's chunker ---
+# --- prompt analysis: spaCy's en_core_web_sm when given, else chunker.py's ---
 class Parsed(NamedTuple):
     tokens: list[tuple[str, str]]  # (text, coarse POS): NOUN, ADJ, PROPN (spaCy only), or other
     chunks: list[str]              # noun chunks' text, case kept ("a green bench")
 
 
 def analyse(prompt: str, nlp=None) -> Parsed:
-    """Tokens, noun chunks; the rules tag a chunk's last word NOUN and segment.ADJ's words ADJ."""
+    """Tokens, noun chunks; the rules tag a chunk's last word NOUN and chunker.ADJ's words ADJ."""
     if nlp is not None:
         doc = nlp(prompt)
         return Parsed([(t.text, t.pos_) for t in doc], [c.text for c in doc.noun_chunks])
-    chunks = segment.chunks(prompt)
+    chunks = chunker.chunks(prompt)
     heads = {c.end for c in chunks}
     tokens = [(prompt[m.start():m.end()], "NOUN" if m.end() in heads else
-               "ADJ" if m.group() in segment.ADJ else "X")
-              for m in segment.TOKEN.finditer(prompt.lower())]
+               "ADJ" if m.group() in chunker.ADJ else "X")
+              for m in chunker.TOKEN.finditer(prompt.lower())]
     return Parsed(tokens, [prompt[c.start:c.end] for c in chunks])
 
 
