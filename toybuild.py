@@ -46,15 +46,13 @@ BLIP_WIDTH, BLIP_LAYERS = 96, 3  # vision and text towers alike; 64px images in 
 # captions are empty so classifier-free guidance has an unconditional model.
 DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
-# batch sizes and seconds per step on 2 CPU cores (torch 2.13; measured VAE 0.67, UNet 0.32,
-# captioner 0.29 with its adversarial steps; VAE rounded up): budget -> step counts.
-# VQA 0.3 s on one thread of a shared machine (an overestimate for 2 free cores).
-# 90 min: 1200 / 6750 / 2880 / 3420 steps, ~86 min (the VAE and UNet counts of the first build;
-# the VQA's 17 minutes were added to the 72 of the others, whose step counts did not change)
+# batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
+# measured VAE 0.67 (rounded up), UNet 0.19-0.26, captioner 0.29 with its adversarial steps; VQA
+# 0.3 on one thread of a shared machine): about 90 minutes in all. The UNet's 9750 steps are the
+# first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.32, "captioner": 0.3, "vqa": 0.3}
-SHARE = {"vae": 0.2, "unet": 0.4, "captioner": 0.16, "vqa": 0.19}  # last 5%: latents, saving
-BUDGET_MINUTES = 90.0
+STEPS = {"vae": 1200, "unet": 9750, "captioner": 2880, "vqa": 3420}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "captioner": 0.3, "vqa": 0.3}
 STAGES = ("base", "captioner", "vqa")  # base: VAE, text encoder, UNet (one pool of latents)
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
@@ -428,12 +426,16 @@ def save_part(folder: str, config: dict, module: torch.nn.Module) -> None:
     save_weights(sd, os.path.join(folder, "diffusion_pytorch_model.fp16.safetensors"))
 
 
-def plan(budget_minutes: float) -> dict[str, int]:
-    """Step counts for a budget: each training's share of the time over its per-step cost."""
-    return {k: max(1, int(SHARE[k] * budget_minutes * 60 / SEC_PER_STEP[k])) for k in SHARE}
+def plan(budget_minutes: float | None) -> dict[str, int]:
+    """Step counts for a budget: the shipped build's counts (None) scaled so that training takes
+    95% of the budget (the rest: encoding the latent pool, saving)."""
+    if budget_minutes is None:
+        return dict(STEPS)
+    scale = 0.95 * budget_minutes * 60 / sum(STEPS[k] * SEC_PER_STEP[k] for k in STEPS)
+    return {k: max(1, int(STEPS[k] * scale)) for k in STEPS}
 
 
-def build(out: str = "toy", seed: int = 0, budget_minutes: float = BUDGET_MINUTES,
+def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
           steps: dict | None = None, pool: int = LATENT_POOL, only: tuple = STAGES) -> str:
     """Train the models of the stages in `only` and write the folder `out` atomically (built in
     a temp folder, then renamed over any previous one); a stage left out is copied from the
@@ -490,7 +492,8 @@ def main(argv=None):
     """`python toybuild.py [--minutes M] [--out DIR] [--seed S] [--only base,captioner]`."""
     import argparse
     ap = argparse.ArgumentParser(description="Build the toy world's base model and captioner.")
-    ap.add_argument("--minutes", type=float, default=BUDGET_MINUTES, help="budget on 2 CPU cores")
+    ap.add_argument("--minutes", type=float, default=None,
+                    help="budget on 2 CPU cores (default: the shipped build's steps, ~90 min)")
     ap.add_argument("--out", default="toy", help="folder (default toy)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--only", default=",".join(STAGES),
