@@ -47,7 +47,7 @@ BLIP_WIDTH, BLIP_LAYERS = 96, 3  # vision and text towers alike; 64px images in 
 DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
-# measured VAE 0.67 (rounded up), UNet 0.19-0.26, captioner 0.29 with its adversarial steps; VQA
+# measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
 # 0.3 on one thread of a shared machine): about 90 minutes in all. The UNet's 9750 steps are the
 # first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
