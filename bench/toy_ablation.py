@@ -38,7 +38,7 @@ def run_row(name, seed, a) -> dict:
     lora = None if flags is None else os.path.join(run, "lora.safetensors")
     if lora and not os.path.exists(lora):
         train.main(["--prompts", os.path.join(ROOT, "prompts.txt"), "--out", run,
-                    "--seed", str(seed), *flags, *a.train])
+                    "--seed", str(seed), *a.train, *flags])  # the row's switches win
     if not os.path.exists(scores):
         toyworld.main(["eval", "--seeds", str(a.seeds), "--split", a.split, "--out", scores]
                       + (["--lora", lora] if lora else []))

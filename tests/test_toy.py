@@ -68,7 +68,6 @@ def test_shipped_captioner_reward_is_semantic():
     """Properties (c) and (d) of bench/toy_reward.py (README: toy world) on a few images: what
     is drawn wrongly loses to the clean render of the same scene, binding is read, and an extra
     copy of a shape costs likelihood. (a) and (b) need many ascent steps: the benchmark has them."""
-    import toybuild as tb  # noqa: F401  (toyworld's pictures, the captioner's build)
     cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
     lp = lambda x, texts: captioner.caption_logprob(cap, x, texts).detach()  # noqa: E731
     rng = np.random.default_rng(99)
