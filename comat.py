@@ -112,16 +112,22 @@ def _check(tokens, masks, valid, B, HW):
 # --- attribute concentration losses (TokenCompose-style; comat-official.md 3.5) ---
 
 
+def inside_fraction(attn, masks) -> torch.Tensor:
+    """(B, K, T): head mean of the fraction of token t's attention inside object k's mask.
+    attn (B, heads, HW, T) probabilities; masks (B, K, HW)."""
+    inside = masks[:, None] @ attn  # (B, 1, K, HW) @ (B, heads, HW, T) -> (B, heads, K, T)
+    total = attn.sum(2)[:, :, None]  # (B, heads, 1, T): attention mass of each token
+    return (inside / total).mean(1)  # the head mean comes BEFORE squaring (official)
+
+
 def token_loss(attn, tokens, masks, valid) -> torch.Tensor:
     """Token-level loss of one map: mean over objects of mean over their tokens of (1 - a)^2,
-    a = head-mean of the fraction of token s's attention that falls inside the object's mask.
+    a = inside_fraction (head mean).
 
     attn (B, heads, HW, T) probabilities; tokens (B, K, T); masks (B, K, HW); valid (B, K)."""
     B, heads, HW, T = attn.shape
     _check(tokens, masks, valid, B, HW)
-    inside = masks[:, None] @ attn  # (B, 1, K, HW) @ (B, heads, HW, T) -> (B, heads, K, T)
-    total = attn.sum(2)[:, :, None]  # (B, heads, 1, T): attention mass of each token
-    a = (inside / total).mean(1)  # (B, K, T); the head mean comes BEFORE squaring (official)
+    a = inside_fraction(attn, masks)  # (B, K, T)
     # Mean over each object's own tokens (attribute words AND noun, all pushed into the noun mask).
     per_obj = (tokens * (1 - a) ** 2).sum(-1) / tokens.sum(-1).clamp(min=1)  # (B, K)
     return (per_obj * _object_weights(tokens, masks, valid)).sum(-1)  # (B,)

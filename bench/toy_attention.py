@@ -77,7 +77,7 @@ def measure(pipe, prompts, batch=8) -> dict[int, dict[str, float]]:
         for A in maps:  # (B, heads, HW, T)
             h = int(A.shape[2] ** 0.5)
             m = comat.resize_masks(masks, (h, h))  # (B, K, HW)
-            a = ((m[:, None] @ A) / A.sum(2)[:, :, None]).mean(1)  # (B, K, T) inside fraction
+            a = comat.inside_fraction(A, m)  # (B, K, T), what comat.token_loss squares
             a = (a * tokens).sum(-1) / tokens.sum(-1).clamp(min=1)  # (B, K) token mean
             r = rows.setdefault(h, {"area": [], "attention": [], "token loss": []})
             r["area"] += (100 * m.mean(-1)[keep]).tolist()
@@ -92,13 +92,14 @@ def main():
     ap.add_argument("--n", type=int, default=32, help="prompts of prompts.txt")
     a = ap.parse_args()
     prompts = sample.read_prompts(os.path.join(ROOT, "prompts.txt"))[:a.n]
-    print("clean shapes, mask area %: " + ", ".join(f"{k} {v:.1f}" for k, v in clean_areas().items()))
+    areas = clean_areas()
+    print("clean shapes, mask area %: " + ", ".join(f"{k} {v:.1f}" for k, v in areas.items()))
     print("| model | map | mask area % | attention inside % | token loss |\n|---|---|---|---|---|")
     for lora in [""] + [f for f in a.lora.split(",") if f]:
         pipe = sample.load_or_exit("toy", lora=lora or None)
-        name = os.path.dirname(os.path.relpath(lora, os.path.join(ROOT, "runs"))) if lora else "base"
+        name = os.path.dirname(os.path.relpath(lora, os.path.join(ROOT, "runs"))) if lora else ""
         for h, r in measure(pipe, prompts).items():
-            print(f"| {name} | {h}x{h} | "
+            print(f"| {name or 'base'} | {h}x{h} | "
                   f"{r['area']:.1f} | {r['attention']:.1f} | {r['token loss']:.3f} |")
 
 

@@ -23,7 +23,8 @@ import weights  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=3000, help="more UNet steps (the build runs 9750; 6750 before)")
+    ap.add_argument("--steps", type=int, default=3000,
+                    help="more UNet steps (the build runs 9750; 6750 before)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "toy-longer"))
     ap.add_argument("--seeds", type=int, default=2, help="sampling seeds of the breakdown")
     ap.add_argument("--seed", type=int, default=1, help="training seed (the build used 0)")
