@@ -5,7 +5,8 @@ rule for spatial; CLIP for non-spatial; their 3-in-1 mix for complex; detector +
 layout, generation and the CLI; the rules themselves are compbench.py's pure functions.
 Deviations: Grounding-DINO, not UniDet (detector scores are not comparable with published
 numbers); spaCy's en_core_web_sm only when installed, else chunker.py's rule-based chunker.
-Layout (compbench.read_samples): OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k, seed 42 + k).
+Layout (compbench.read_samples): OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k,
+seed 42 + k).
 Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset --model toy
     --blip blip-vqa-capfilt-large --clip clip-vit-base-patch32 --dino grounding-dino-tiny
     --dpt dpt-hybrid-midas
