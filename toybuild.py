@@ -13,7 +13,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shutil
 
 import numpy as np
@@ -29,7 +28,7 @@ from captioner import Captioner, caption_logprob
 from sample import alphas_cumprod
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
-from weights import clip_tokenizer, load_pipeline, save_weights
+from weights import clip_tokenizer, save_weights
 
 # every word of every prompt and caption of the grammar; each is ONE token in both tokenizers
 WORDS = sorted({"a", "and", *tw.COLOURS, *tw.SHAPES, *" ".join(tw.RELATIONS).split()})
@@ -49,18 +48,12 @@ DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
 # measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
-# 0.3 on one thread of a shared machine): about 115 minutes in all. The UNet's 9750 steps are the
-# first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README);
-# "more" is a second round of its training (train_more), 6000 steps that bench/toy_base_longer.py
-# showed to nearly triple how often both objects of a held-out pair are drawn (README).
+# 0.3 on one thread of a shared machine): about 90 minutes in all. The UNet's 9750 steps are the
+# first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
-STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3}
-# the stages in build order and the model folders each one writes; base: VAE, text encoder, UNet
-# (one pool of latents); more: UNet and text encoder trained on
-PARTS = {"base": ("unet", "vae", "text_encoder", "tokenizer"), "more": ("unet", "text_encoder"),
-         "captioner": ("captioner",), "vqa": ("vqa",)}
-STAGES = tuple(PARTS)
+STEPS = {"vae": 1200, "unet": 9750, "captioner": 2880, "vqa": 3420}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "captioner": 0.3, "vqa": 0.3}
+STAGES = ("base", "captioner", "vqa")  # base: VAE, text encoder, UNet (one pool of latents)
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 # captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
@@ -176,18 +169,6 @@ def train_unet(scenes, latents, steps: int, seed: int, start=None
     return unet.eval(), tok, enc.eval()
 
 
-def train_more(folder: str, steps: int, seed: int) -> tuple[UNet, CLIPTextModel]:
-    """The base model saved in `folder` (fp16, as shipped) trained on with train_unet: a fresh
-    AdamW and lr schedule, and a new pool of scenes (seed) encoded by its VAE at its scale."""
-    pipe = load_pipeline(folder)
-    n = min(LATENT_POOL, 4 * steps * BATCH["unet"])
-    scenes, latents, scale = encode_pool(pipe.vae, n, seed)
-    latents = latents / scale * pipe.vae.cfg.scale
-    start = (pipe.unet.train().requires_grad_(True), pipe.encoders[0].train().requires_grad_(True))
-    unet, _, enc = train_unet(scenes, latents, steps, seed, start=start)
-    return unet, enc
-
-
 def word_vocab(folder: str, vocab: list) -> BertTokenizer:
     """A BERT word tokenizer with exactly these tokens, written to folder/vocab.txt."""
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
@@ -239,39 +220,21 @@ def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def confuse(text: str, rng: np.random.Generator) -> str:
-    """A wrong caption one word away: one colour or shape word replaced by another."""
+    """A wrong caption one edit away: two colours swapped (p 0.5 when a caption names two
+    different colours), else one colour or shape word replaced by another."""
     w = text.split()
-    words = [i for i, x in enumerate(w) if x in tw.COLOURS or x in tw.SHAPES]
-    if words:
-        i = int(rng.choice(words))
+    cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
+    shapes = [i for i, x in enumerate(w) if x in tw.SHAPES]
+    # A known flaw, kept because the shipped captioner was built with it (README: toy world):
+    # for two same-shape objects joined by "and" the swap says the same thing, so the hinge
+    # also pushes one word order above the other.
+    if len(cols) >= 2 and w[cols[0]] != w[cols[1]] and rng.random() < 0.5:
+        w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
+    elif cols or shapes:
+        i = int(rng.choice(cols + shapes))
         pool = list(tw.COLOURS) if w[i] in tw.COLOURS else list(tw.SHAPES)
         w[i] = str(rng.choice([x for x in pool if x != w[i]]))
     return " ".join(w)
-
-
-def swap_colours(text: str) -> str | None:
-    """The caption with the colours of its first two objects swapped: wrong binding, right
-    words. None when they share a colour or a shape (two circles swapped say the same thing)."""
-    w = text.split()
-    cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
-    if len(cols) < 2 or w[cols[0]] == w[cols[1]] or w[cols[0] + 1] == w[cols[1] + 1]:
-        return None
-    w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
-    return " ".join(w)
-
-
-def miscount(text: str, rng: np.random.Generator) -> str:
-    """A wrong caption naming one object too few or too many: one object kept of several, or a
-    palette object added. The base model's commonest errors are an extra shape and a missing one,
-    and both change only where a caption ends (one token of ten), so the token-mean likelihood
-    hardly sees them unless the captioner is taught that a caption ending early is wrong."""
-    # the objects named, e.g. ['a red circle', 'a mixed blob']
-    objs = re.findall(r"a \S+ \S+", text.removesuffix(" with noise"))
-    noise = " with noise" if text.endswith("noise") else ""
-    if len(objs) >= 2:
-        return str(rng.choice(objs)) + noise
-    extra = f"a {rng.choice(list(tw.COLOURS))} {rng.choice(tw.SHAPES)}"
-    return " and ".join([*objs, extra]) + noise
 
 
 def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: int,
@@ -315,10 +278,8 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
       caption within RMS PGD_EPS, then trained on its true caption (re-read by the evaluator),
       the standard way to get perceptually aligned input gradients;
-    - binding and counting: on the unperturbed images the true caption must beat, by MARGIN nats
-      per token (hinges), its confusion (one word changed), its miscount (an object dropped or
-      added) and, where it names two objects of different colours and shapes, its colour swap.
-      (A swap among the confusions at p 0.5 plus the miscount hinge read binding at 81%.)"""
+    - binding: on the clean images the true caption must beat its confusion (colours swapped
+      or one word changed) by MARGIN nats per token (a hinge)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
     model = blip(tok)
@@ -334,16 +295,9 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
         adv_caps = [c if tw.describe(b) == tw.describe(a) else tw.describe(b, rng)
                     for a, b, c in zip(tw.to_uint8(x[:k]), tw.to_uint8(adv), caps[:k])]
         right = caption_logprob(cap, torch.cat([x, adv]), caps + adv_caps)  # (B + k,)
-        true, clean = right[k:len(x)], x[k:]  # the unperturbed images, (n,), (n, 3, 64, 64)
-        swaps = {j: swap_colours(c) for j, c in enumerate(caps[k:]) if swap_colours(c)}
-        j = torch.tensor(list(swaps), dtype=torch.long)
-        worse = caption_logprob(cap, torch.cat([clean, clean, clean[j]]),
-                                wrong[k:] + [miscount(c, rng) for c in caps[k:]]
-                                + list(swaps.values()))  # (2 n + swaps,)
-        hinge = F.relu(MARGIN - (torch.cat([true, true, true[j]]) - worse))
-        n = len(true)
-        return (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
-                + hinge[2 * n:].sum() / max(len(j), 1))
+        confused = caption_logprob(cap, x[k:], wrong[k:])
+        hinge = F.relu(MARGIN - (right[k:len(x)] - confused))
+        return -right.mean() + hinge.mean()
     optimise(model.parameters(), steps, 5e-4, loss, "captioner")
     return model.eval()
 
@@ -489,10 +443,9 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
     steps = {**plan(budget_minutes), **(steps or {})}
     assert set(only) <= set(STAGES), f"stages are {STAGES}"
     print(f"toy build: stages {list(only)}, steps {steps} (seed {seed})")
-    made = {p for stage in only for p in PARTS[stage]}
-    if "more" in only and "base" not in only:  # it trains on the UNet and text encoder kept
-        made -= set(PARTS["more"])
-    kept = sorted({p for parts in PARTS.values() for p in parts} - made)
+    kept = [p for stage, parts in (("base", ("unet", "vae", "text_encoder", "tokenizer")),
+                                   ("captioner", ("captioner",)), ("vqa", ("vqa",)))
+            if stage not in only for p in parts]
     for p in kept:
         if not os.path.isdir(os.path.join(out, p)):
             raise SystemExit(f"error: {out}/{p} missing: build its stage too (--only)")
@@ -511,12 +464,6 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
         save_part(os.path.join(tmp, "vae"), vae_json(vae.cfg, tw.SIZE), vae)
         copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
         tok.save_pretrained(os.path.join(tmp, "tokenizer"))
-    if "more" in only:  # from the fp16 files just written (or kept), as they are shipped
-        unet, enc = train_more(tmp, steps["more"], seed + 1)
-        for part in ("unet", "text_encoder"):
-            shutil.rmtree(os.path.join(tmp, part))
-        save_part(os.path.join(tmp, "unet"), unet_json(UNET_CFG, 16), unet)
-        copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
     if "captioner" in only:
         cap_dir = os.path.join(tmp, "captioner")
         os.makedirs(cap_dir)

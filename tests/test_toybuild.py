@@ -15,7 +15,7 @@ import weights
 from unet import UNet
 from vae import VAE
 
-FEW = dict(vae=1, unet=2, more=2, captioner=2, vqa=2)
+FEW = dict(vae=1, unet=2, captioner=2, vqa=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,9 @@ def test_rebuilding_one_stage_keeps_the_others(built, tmp_path):
         a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same == (d != "captioner"), d  # only the captioner was retrained (seed 1)
-    tb.build(out, seed=1, steps=FEW, only=("more",))  # the UNet and text encoder trained on
-    for d in ("unet", "vae", "text_encoder"):
-        f = [x for x in os.listdir(os.path.join(out, d)) if x.endswith(".safetensors")][0]
-        a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
-        assert all(torch.equal(a[k], b[k]) for k in a) == (d == "vae"), d
 
 
-def test_confusions_are_one_word_away():
+def test_confusions_are_one_edit_away():
     rng = np.random.default_rng(0)
     for text in ["a red circle", "a red circle and a blue square",
                  "a green triangle to the left of a green square"]:
@@ -79,33 +74,11 @@ def test_confusions_are_one_word_away():
             wrong = tb.confuse(text, rng)
             a, b = text.split(), wrong.split()
             diff = [i for i in range(len(a)) if a[i] != b[i]]
-            assert len(a) == len(b) and len(diff) == 1, wrong
+            assert len(a) == len(b) and 1 <= len(diff) <= 2, wrong
+            if len(diff) == 2:  # a colour swap
+                assert a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
+                assert a[diff[0]] in tw.COLOURS
             assert tw.parse_prompt(wrong)  # still in the grammar
-
-
-def test_colour_swaps_change_the_binding_only():
-    assert tb.swap_colours("a red circle and a blue square") == "a blue circle and a red square"
-    assert (tb.swap_colours("a green triangle to the left of a red square with noise")
-            == "a red triangle to the left of a green square with noise")
-    # the same colour twice, two circles (the swap says the same thing), one object: no swap
-    for text in ["a red circle and a red square", "a red circle and a blue circle", "a red circle",
-                 ""]:
-        assert tb.swap_colours(text) is None, text
-
-
-def test_miscounts_name_one_object_too_few_or_too_many():
-    rng = np.random.default_rng(0)
-    for text, n in [("a red circle", 1), ("a red circle and a blue square", 2),
-                    ("a green triangle to the left of a green square", 2),
-                    ("a mixed blob and a red square and a red circle with noise", 3), ("", 0)]:
-        for _ in range(10):
-            wrong = tb.miscount(text, rng)
-            named = wrong.removesuffix(" with noise").split(" and ") if wrong else []
-            assert len(named) == (n + 1 if n < 2 else 1), wrong
-            assert wrong.endswith("with noise") == text.endswith("with noise")
-            kept = set(text.removesuffix(" with noise").replace(" to the left of ", " and ")
-                       .split(" and "))
-            assert set(named[:n]) <= kept or len(named) == 1 and named[0] in kept, wrong
 
 
 def test_ascent_stays_in_budget_and_raises_the_target():
