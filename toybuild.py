@@ -2,9 +2,11 @@
 
 The trainings behind `python toybuild.py` (kept out of toyworld.py, which holds the
 world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
-Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/, fp16) that
-weights.load_pipeline and captioner.load_captioner read. Deterministic under a seed: step counts
-come from the budget through fixed per-step costs, never from the clock.
+Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/, fp16)
+that weights.load_pipeline and captioner.load_captioner read. Deterministic under a seed and a
+thread count: step counts come from the budget through fixed per-step costs, never from the
+clock; the thread count changes the floats' summation order (shipped toy/: base and more built
+at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
 Shapes: B batch, 64x64 images, 16x16x4 latents, T = 16 text tokens.
 Usage: build("toy", seed=0, budget_minutes=60)
 """
@@ -13,6 +15,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -25,10 +28,10 @@ from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneratio
 import evaluate
 import toyworld as tw
 from captioner import Captioner, caption_logprob
-from sample import alphas_cumprod
+from sample import alphas_cumprod, generate
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
-from weights import clip_tokenizer, save_weights
+from weights import clip_tokenizer, load_pipeline, save_weights
 
 # every word of every prompt and caption of the grammar; each is ONE token in both tokenizers
 WORDS = sorted({"a", "and", *tw.COLOURS, *tw.SHAPES, *" ".join(tw.RELATIONS).split()})
@@ -40,7 +43,7 @@ UNET_CFG = UNetConfig(channels=(32, 64, 64), depth=(1, 1, 1), heads=(2, 4, 4), m
                       n_res=1, groups=8, ctx_dim=64, linear_proj=True)
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=2,
             max_position_embeddings=MAX_TOKENS)
-BLIP_WIDTH, BLIP_LAYERS = 96, 3  # vision and text towers alike; 64px images in 8px patches
+BLIP_WIDTH, BLIP_LAYERS, BLIP_PATCH = 96, 3, 8  # vision and text towers alike; 64px images
 # Incomplete base captions (the alt-text condition the paper blames): half of the two-object
 # images are captioned with one object, each colour word is dropped with p 0.3; 10% of the
 # captions are empty so classifier-free guidance has an unconditional model.
@@ -48,17 +51,30 @@ DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
 # measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
-# 0.3 on one thread of a shared machine): about 90 minutes in all. The UNet's 9750 steps are the
-# first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README).
+# 0.3 on one thread of a shared machine): about 115 minutes in all. The UNet's 9750 steps are the
+# first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README);
+# "more" is a second round of its training (train_more), 6000 steps that bench/toy_base_longer.py
+# showed to nearly triple how often both objects of a held-out pair are drawn (README).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
-STEPS = {"vae": 1200, "unet": 9750, "captioner": 2880, "vqa": 3420}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "captioner": 0.3, "vqa": 0.3}
-STAGES = ("base", "captioner", "vqa")  # base: VAE, text encoder, UNet (one pool of latents)
+STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3}
+# the stages in build order and the model folders each one writes; base: VAE, text encoder, UNet
+# (one pool of latents); more: UNet and text encoder trained on (train_more)
+PARTS = {"base": ("unet", "vae", "text_encoder", "tokenizer"), "more": ("unet", "text_encoder"),
+         "captioner": ("captioner",), "vqa": ("vqa",)}
+STAGES = tuple(PARTS)
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 # captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
 # caption by PGD (RMS budget, steps); the hinge margin of true over confused captions (nats/token)
 ODD_P, PGD_P, PGD_EPS, PGD_STEPS, MARGIN = 0.5, 0.5, 0.06, 3, 1.0
+# captioner: share of each batch taken from the base model's own samples (a pool drawn once on
+# training prompts with the sampler CoMat trains with: DDIM 20 steps, CFG 7.5), pool size
+GEN_P, GEN_POOL, GEN_STEPS = 0.25, 2048, 20
+# captioner: the colour-swap hinge's margin (nats per token). A swap changes two tokens in ten,
+# so 1 nat per token asks for certainty; at 1 the captioner binds as well but is a weak reward
+# (two-object +4.9 against +18.1 at 0.2; README: toy world)
+SWAP_MARGIN = 0.2
 
 
 def train_scene(rng: np.random.Generator) -> tw.Scene:
@@ -169,6 +185,18 @@ def train_unet(scenes, latents, steps: int, seed: int, start=None
     return unet.eval(), tok, enc.eval()
 
 
+def train_more(folder: str, steps: int, seed: int) -> tuple[UNet, CLIPTextModel]:
+    """The base model saved in `folder` (fp16, as shipped) trained on with train_unet: a fresh
+    AdamW and lr schedule, and a new pool of scenes (seed) encoded by its VAE at its scale."""
+    pipe = load_pipeline(folder)
+    n = min(LATENT_POOL, 4 * steps * BATCH["unet"])
+    scenes, latents, scale = encode_pool(pipe.vae, n, seed)
+    latents = latents / scale * pipe.vae.cfg.scale
+    start = (pipe.unet.train().requires_grad_(True), pipe.encoders[0].train().requires_grad_(True))
+    unet, _, enc = train_unet(scenes, latents, steps, seed, start=start)
+    return unet, enc
+
+
 def word_vocab(folder: str, vocab: list) -> BertTokenizer:
     """A BERT word tokenizer with exactly these tokens, written to folder/vocab.txt."""
     with open(os.path.join(folder, "vocab.txt"), "w") as f:
@@ -192,7 +220,7 @@ def blip_config(tok, bos: int) -> BlipConfig:
                          encoder_hidden_size=w, pad_token_id=tok.pad_token_id,
                          bos_token_id=bos, sep_token_id=tok.sep_token_id),
         vision_config=dict(hidden_size=w, intermediate_size=2 * w, num_hidden_layers=n,
-                           num_attention_heads=2, image_size=tw.SIZE, patch_size=8),
+                           num_attention_heads=2, image_size=tw.SIZE, patch_size=BLIP_PATCH),
         projection_dim=w)
 
 
@@ -220,21 +248,45 @@ def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 
 
 def confuse(text: str, rng: np.random.Generator) -> str:
-    """A wrong caption one edit away: two colours swapped (p 0.5 when a caption names two
-    different colours), else one colour or shape word replaced by another."""
+    """A wrong caption one edit away: the colours of two different shapes swapped (p 0.5 when a
+    caption names them), else one colour or shape word replaced by another. (Swapping the
+    colours of two same-shape objects would say the same thing: the captioner built before
+    ee2215c was trained with that flaw, which pushed one word order over the other.)"""
     w = text.split()
     cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
     shapes = [i for i, x in enumerate(w) if x in tw.SHAPES]
-    # A known flaw, kept because the shipped captioner was built with it (README: toy world):
-    # for two same-shape objects joined by "and" the swap says the same thing, so the hinge
-    # also pushes one word order above the other.
-    if len(cols) >= 2 and w[cols[0]] != w[cols[1]] and rng.random() < 0.5:
+    if (len(cols) >= 2 and w[cols[0]] != w[cols[1]] and w[cols[0] + 1] != w[cols[1] + 1]
+            and rng.random() < 0.5):
         w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
     elif cols or shapes:
         i = int(rng.choice(cols + shapes))
         pool = list(tw.COLOURS) if w[i] in tw.COLOURS else list(tw.SHAPES)
         w[i] = str(rng.choice([x for x in pool if x != w[i]]))
     return " ".join(w)
+
+
+def swap_colours(text: str) -> str | None:
+    """The caption with the colours of its first two objects swapped: wrong binding, right
+    words. None when they share a colour or a shape (two circles swapped say the same thing)."""
+    w = text.split()
+    cols = [i for i, x in enumerate(w) if x in tw.COLOURS]
+    if len(cols) < 2 or w[cols[0]] == w[cols[1]] or w[cols[0] + 1] == w[cols[1] + 1]:
+        return None
+    w[cols[0]], w[cols[1]] = w[cols[1]], w[cols[0]]
+    return " ".join(w)
+
+
+def miscount(text: str, rng: np.random.Generator) -> str:
+    """A wrong caption naming one object too few or too many: one object kept of several, or a
+    palette object added. The base model's commonest errors are an extra shape and a missing one,
+    and both change only where a caption ends (one token of ten), so the token-mean likelihood
+    hardly sees them unless the captioner is taught that a caption ending early is wrong."""
+    objs = re.findall(r"a \S+ \S+", text.removesuffix(" with noise"))  # 'a red circle', 'a mixed blob'
+    noise = " with noise" if text.endswith("noise") else ""
+    if len(objs) >= 2:
+        return str(rng.choice(objs)) + noise
+    extra = f"a {rng.choice(list(tw.COLOURS))} {rng.choice(tw.SHAPES)}"
+    return " and ".join([*objs, extra]) + noise
 
 
 def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: int,
@@ -254,15 +306,33 @@ def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: in
     return (x + delta).clamp(0, 1).detach()
 
 
-def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int):
-    """n training images (n, 3, 64, 64) in [0, 1] and their true captions: ODD_P of them drawn
-    wrongly (toyworld.render_odd), all mildly corrupted, each captioned with what the evaluator
-    reads in it (toyworld.describe); a picture that reads as its scene gets the scene's prompt,
-    so spatial scenes keep their relation word."""
+def base_samples(folder: str, n: int, seed: int) -> tuple[np.ndarray, list]:
+    """n samples (n, 64, 64, 3) uint8 of the base model saved in `folder`, on training prompts
+    (train_scene), drawn as CoMat's training draws them (DDIM GEN_STEPS, CFG 7.5), and their
+    prompts. What a captioner never saw it scores arbitrarily, and CoMat's reward is read on
+    exactly these images."""
+    pipe = load_pipeline(folder)
+    rng = np.random.default_rng([seed, 5])
+    prompts = [tw.prompt(train_scene(rng)) for _ in range(n)]
+    out = [generate(pipe, prompts[i:i + 64], GEN_STEPS, 7.5, tw.SIZE, "ddim", seed + i,
+                    progress=False) for i in tqdm(range(0, n, 64), desc="base samples")]
+    return tw.to_uint8(torch.cat(out)), prompts
+
+
+def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int, pool=None):
+    """n training images (n, 3, 64, 64) in [0, 1] and their true captions: GEN_P of them the
+    base model's samples (pool = base_samples(...), if given), ODD_P of the rest drawn wrongly
+    (toyworld.render_odd), all mildly corrupted, each captioned with what the evaluator reads in
+    it (toyworld.describe); a picture that reads as its scene gets the scene's prompt, so
+    spatial scenes keep their relation word."""
     scenes = [train_scene(rng) for _ in range(n)]
     odd = rng.random(n) < ODD_P
     pics = [tw.render_odd(s, str(rng.choice(tw.ODD_KINDS)), rng) if o else tw.render(s)
             for s, o in zip(scenes, odd)]
+    if pool is not None:
+        for i in np.flatnonzero(rng.random(n) < GEN_P):
+            j = int(rng.integers(len(pool[0])))
+            pics[i], scenes[i] = pool[0][j], tw.parse_prompt(pool[1][j])
     x = corrupt(tw.to_float(np.stack(pics)), g)
     caps = []
     for s, img in zip(scenes, tw.to_uint8(x)):
@@ -272,14 +342,18 @@ def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int):
     return x, caps
 
 
-def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
+def train_captioner(tok, steps: int, seed: int, pool=None) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
     caption of each picture (captioner_batch), and makes the gradient of that score semantic:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
       caption within RMS PGD_EPS, then trained on its true caption (re-read by the evaluator),
       the standard way to get perceptually aligned input gradients;
-    - binding: on the clean images the true caption must beat its confusion (colours swapped
-      or one word changed) by MARGIN nats per token (a hinge)."""
+    - binding and counting: on the unperturbed images the true caption must beat, by MARGIN
+      nats per token (hinges), its confusion (colours swapped or one word changed) and its
+      miscount (an object dropped or added), and by SWAP_MARGIN, where it names two objects of
+      different colours and shapes, its colour swap (without this third hinge binding was read
+      on 73-77% of 64 scenes, with it 95%: README, toy world);
+    - the generator's own pictures: `pool` (base_samples) supplies GEN_P of each batch."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
     model = blip(tok)
@@ -287,7 +361,7 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
     k = int(PGD_P * BATCH["captioner"])
 
     def loss(i):
-        x, caps = captioner_batch(rng, g, BATCH["captioner"])
+        x, caps = captioner_batch(rng, g, BATCH["captioner"], pool)
         wrong = [confuse(c, rng) for c in caps]
         model.eval()  # no dropout in the ascent (BLIP's default config has none anyway)
         adv = ascend(cap, x[:k], wrong[:k], PGD_EPS * float(rng.uniform(0.5, 1.5)), PGD_STEPS)
@@ -295,9 +369,18 @@ def train_captioner(tok, steps: int, seed: int) -> BlipForConditionalGeneration:
         adv_caps = [c if tw.describe(b) == tw.describe(a) else tw.describe(b, rng)
                     for a, b, c in zip(tw.to_uint8(x[:k]), tw.to_uint8(adv), caps[:k])]
         right = caption_logprob(cap, torch.cat([x, adv]), caps + adv_caps)  # (B + k,)
-        confused = caption_logprob(cap, x[k:], wrong[k:])
-        hinge = F.relu(MARGIN - (right[k:len(x)] - confused))
-        return -right.mean() + hinge.mean()
+        true, clean = right[k:len(x)], x[k:]  # the unperturbed images, (n,), (n, 3, 64, 64)
+        swaps = {j: swap_colours(c) for j, c in enumerate(caps[k:]) if swap_colours(c)}
+        j = torch.tensor(list(swaps), dtype=torch.long)  # the images whose caption has a swap
+        worse = caption_logprob(cap, torch.cat([clean, clean, clean[j]]),
+                                wrong[k:] + [miscount(c, rng) for c in caps[k:]]
+                                + list(swaps.values()))  # (2n + len(j),)
+        n = len(true)
+        margin = torch.full_like(worse, MARGIN)
+        margin[2 * n:] = SWAP_MARGIN
+        hinge = F.relu(margin - (torch.cat([true, true, true[j]]) - worse))
+        return (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
+                + hinge[2 * n:].sum() / max(len(j), 1))
     optimise(model.parameters(), steps, 5e-4, loss, "captioner")
     return model.eval()
 
@@ -443,9 +526,10 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
     steps = {**plan(budget_minutes), **(steps or {})}
     assert set(only) <= set(STAGES), f"stages are {STAGES}"
     print(f"toy build: stages {list(only)}, steps {steps} (seed {seed})")
-    kept = [p for stage, parts in (("base", ("unet", "vae", "text_encoder", "tokenizer")),
-                                   ("captioner", ("captioner",)), ("vqa", ("vqa",)))
-            if stage not in only for p in parts]
+    made = {p for stage in only for p in PARTS[stage]}
+    if "more" in only and "base" not in only:  # it trains on the UNet and text encoder kept
+        made -= set(PARTS["more"])
+    kept = sorted({p for parts in PARTS.values() for p in parts} - made)
     for p in kept:
         if not os.path.isdir(os.path.join(out, p)):
             raise SystemExit(f"error: {out}/{p} missing: build its stage too (--only)")
@@ -464,11 +548,18 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
         save_part(os.path.join(tmp, "vae"), vae_json(vae.cfg, tw.SIZE), vae)
         copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
         tok.save_pretrained(os.path.join(tmp, "tokenizer"))
+    if "more" in only:  # from the fp16 files just written (or kept), as they are shipped
+        unet, enc = train_more(tmp, steps["more"], seed + 1)
+        for part in ("unet", "text_encoder"):
+            shutil.rmtree(os.path.join(tmp, part))
+        save_part(os.path.join(tmp, "unet"), unet_json(UNET_CFG, 16), unet)
+        copy.deepcopy(enc).half().save_pretrained(os.path.join(tmp, "text_encoder"))
     if "captioner" in only:
         cap_dir = os.path.join(tmp, "captioner")
         os.makedirs(cap_dir)
         btok = blip_tokenizer(cap_dir)
-        model = train_captioner(btok, steps["captioner"], seed)
+        n = min(GEN_POOL, BATCH["captioner"] * steps["captioner"])  # the UNet built or kept
+        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed))
         model.half().save_pretrained(cap_dir)
         btok.save_pretrained(cap_dir)
     if "vqa" in only:  # after the captioner: it starts from the captioner's vision tower
@@ -493,7 +584,7 @@ def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description="Build the toy world's base model and captioner.")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="budget on 2 CPU cores (default: the shipped build's steps, ~90 min)")
+                    help="budget on 2 CPU cores (default: the shipped build's steps, ~115 min)")
     ap.add_argument("--out", default="toy", help="folder (default toy)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--only", default=",".join(STAGES),

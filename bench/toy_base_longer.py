@@ -1,9 +1,9 @@
 """Would a stronger toy base model draw both objects of a held-out pair more often? Continues the
 shipped UNet and text encoder (toy/) for N more steps of the base stage's own training
-(toybuild.train_unet: same incomplete captions, batch, loss and lr schedule, a fresh AdamW, a new
-pool of scenes encoded by the shipped VAE at its own scale), writes the result as a model folder
-(toy/ with unet/ and text_encoder/ replaced), and prints toy_failures' breakdown of the shipped
-and the continued model on the evaluation prompts.
+(toybuild.train_more, the build's "more" stage: same incomplete captions, batch, loss and lr
+schedule, a fresh AdamW, a new pool of scenes encoded by the shipped VAE at its own scale), writes
+the result as a model folder (toy/ with unet/ and text_encoder/ replaced), and prints
+toy_failures' breakdown of the shipped and the continued model on the evaluation prompts.
 Usage: python bench/toy_base_longer.py [--steps 3000] [--out runs/toy-longer] [--seeds 2]
 """
 import argparse
@@ -24,19 +24,12 @@ import weights  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--steps", type=int, default=3000,
-                    help="more UNet steps (the build runs 9750; 6750 before)")
+                    help="more UNet steps (the build: 9750, then 6000 more)")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "toy-longer"))
     ap.add_argument("--seeds", type=int, default=2, help="sampling seeds of the breakdown")
-    ap.add_argument("--seed", type=int, default=1, help="training seed (the build used 0)")
+    ap.add_argument("--seed", type=int, default=1, help="training seed (the build's more stage: 1)")
     a = ap.parse_args()
-    pipe = weights.load(weights.TOY)
-    unet = pipe.unet.train().requires_grad_(True)
-    enc = pipe.encoders[0].train().requires_grad_(True)
-    # the same pool size rule as the build; latents at the shipped VAE's scale (sample.decode's)
-    n = min(tb.LATENT_POOL, 4 * a.steps * tb.BATCH["unet"])
-    scenes, latents, scale = tb.encode_pool(pipe.vae, n, a.seed)
-    latents = latents / scale * pipe.vae.cfg.scale
-    unet, tok, enc = tb.train_unet(scenes, latents, a.steps, a.seed, start=(unet, enc))
+    unet, enc = tb.train_more(weights.TOY, a.steps, a.seed)
     tmp = a.out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(weights.TOY, tmp)

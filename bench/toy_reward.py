@@ -34,13 +34,6 @@ from captioner import caption_logprob, load_captioner  # noqa: E402
 SMALL, LARGE, ASCENT_STEPS = 0.03, 0.25, 40  # RMS budgets (images in [0, 1]) and PGD steps
 
 
-def swap_colours(text: str) -> str:
-    w = text.split()
-    i, j = [k for k, x in enumerate(w) if x in tw.COLOURS]
-    w[i], w[j] = w[j], w[i]
-    return " ".join(w)
-
-
 def with_copy(scene: tw.Scene, rng) -> tw.Scene:
     """The scene plus a copy of one of its shapes in a free spot (the scene itself if none)."""
     boxes = [(o.cx - o.size / 2, o.cy - o.size / 2, o.cx + o.size / 2, o.cy + o.size / 2)
@@ -91,8 +84,8 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
         odd = tw.to_float(np.stack([tw.render_odd(s, kind, rng) for s in mixed]))
         out[f"{kind}_logp"] = float(lp(odd, prompts).mean())
     x2 = tw.to_float(np.stack([tw.render(s) for s in two]))
-    right, swapped = lp(x2, [tw.prompt(s) for s in two]), lp(x2, [swap_colours(tw.prompt(s))
-                                                                  for s in two])
+    asked = [tw.prompt(s) for s in two]
+    right, swapped = lp(x2, asked), lp(x2, [tb.swap_colours(p) for p in asked])
     out["binding_wins"] = float((right > swapped).float().mean())
     out["binding_margin"] = float((right - swapped).mean())
     base = one[: n // 2] + two[: n - n // 2]

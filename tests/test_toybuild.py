@@ -15,7 +15,7 @@ import weights
 from unet import UNet
 from vae import VAE
 
-FEW = dict(vae=1, unet=2, captioner=2, vqa=2)
+FEW = dict(vae=1, unet=2, more=2, captioner=2, vqa=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,11 @@ def test_rebuilding_one_stage_keeps_the_others(built, tmp_path):
         a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same == (d != "captioner"), d  # only the captioner was retrained (seed 1)
+    tb.build(out, seed=1, steps=FEW, only=("more",))  # the UNet and text encoder trained on
+    for d in ("unet", "vae", "text_encoder"):
+        f = [x for x in os.listdir(os.path.join(out, d)) if x.endswith(".safetensors")][0]
+        a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
+        assert all(torch.equal(a[k], b[k]) for k in a) == (d == "vae"), d
 
 
 def test_confusions_are_one_edit_away():
@@ -79,6 +84,42 @@ def test_confusions_are_one_edit_away():
                 assert a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]]
                 assert a[diff[0]] in tw.COLOURS
             assert tw.parse_prompt(wrong)  # still in the grammar
+    # two circles: swapping their colours says the same thing, so it is never the confusion
+    for _ in range(20):
+        wrong = tb.confuse("a red circle and a blue circle", rng)
+        assert sorted(wrong.split(" and ")) != ["a blue circle", "a red circle"], wrong
+
+
+def test_colour_swaps_only_where_they_change_the_binding():
+    assert tb.swap_colours("a red circle and a blue square") == "a blue circle and a red square"
+    assert (tb.swap_colours("a red circle to the left of a blue square")
+            == "a blue circle to the left of a red square")
+    for text in ["a red circle", "a red circle and a blue circle",
+                 "a red circle and a red square", "a mixed blob and a red square"]:
+        assert tb.swap_colours(text) is None, text  # same meaning, or no two colours
+
+
+def test_base_samples_are_the_models_drawings_of_training_prompts(built):
+    images, prompts = tb.base_samples(built, 4, seed=0)
+    assert images.shape == (4, 64, 64, 3) and images.dtype == np.uint8
+    assert all(tw.parse_prompt(p) and p not in tb.HELD_OUT for p in prompts)
+    again, _ = tb.base_samples(built, 4, seed=0)
+    assert np.array_equal(images, again)
+
+
+def test_miscounts_name_one_object_too_few_or_too_many():
+    rng = np.random.default_rng(0)
+    for text, n in [("a red circle", 1), ("a red circle and a blue square", 2),
+                    ("a green triangle to the left of a green square", 2),
+                    ("a mixed blob and a red square and a red circle with noise", 3), ("", 0)]:
+        for _ in range(10):
+            wrong = tb.miscount(text, rng)
+            named = wrong.removesuffix(" with noise").split(" and ") if wrong else []
+            assert len(named) == (n + 1 if n < 2 else 1), wrong
+            assert wrong.endswith("with noise") == text.endswith("with noise")
+            kept = set(text.removesuffix(" with noise").replace(" to the left of ", " and ")
+                       .split(" and "))
+            assert set(named[:n]) <= kept or len(named) == 1 and named[0] in kept, wrong
 
 
 def test_ascent_stays_in_budget_and_raises_the_target():
@@ -98,7 +139,10 @@ def test_ascent_stays_in_budget_and_raises_the_target():
 
 def test_captioner_batches_are_captioned_with_what_is_there():
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
-    x, caps = tb.captioner_batch(rng, g, 64)
+    scene = tw.Scene((tw.Obj("cyan", "circle", 32, 32, 20),))
+    pool = (np.stack([tw.render(scene)] * 4), ["a cyan circle"] * 4)  # stands in for samples
+    x, caps = tb.captioner_batch(rng, g, 64, pool)
+    assert sum(c.removesuffix(" with noise") == "a cyan circle" for c in caps) >= 8  # 1 by chance
     assert x.shape == (64, 3, 64, 64) and 0 <= x.min() and x.max() <= 1
     words = {w for c in caps for w in c.split()}
     assert words <= set(tb.WORDS) | set(tw.ODD_WORDS)
