@@ -21,18 +21,21 @@ def test_shipped_weights_load_and_draw_the_asked_for_shape():
     pipe = weights.load("toy")
     cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
     prompts = tw.EVAL_PROMPTS["one"]
-    images = sample.generate(pipe, prompts, steps=20, scale=7.5, size=64, seed=0, progress=False)
-    # the asked-for shape in the asked-for colour is there (measured: 18 of 18 at seed 0); often
-    # with an extra shape too, the base model's learned habit (README: toy world)
-    drawn = [tw.score(img, p)["objects_ok"] for img, p in zip(tw.to_uint8(images), prompts)]
-    assert np.mean(drawn) >= 0.8, drawn
-    # the captioner prefers the asked-for prompt to the same colour with another shape on most of
-    # the base model's own samples (measured 13 of 18 here; 72% over two seeds, the previous
-    # captioner 92%: README, toy world)
     other = prompts[6:12] + prompts[12:] + prompts[:6]  # circle -> square -> triangle -> circle
-    right = captioner.caption_logprob(cap, images, prompts)
-    wrong = captioner.caption_logprob(cap, images, other)
-    assert (right > wrong).float().mean() >= 0.6
+    prefers = []
+    for seed in (0, 1):
+        images = sample.generate(pipe, prompts, steps=20, scale=7.5, size=64, seed=seed,
+                                 progress=False)
+        # the asked-for shape in the asked-for colour is there (measured: 18 of 18 at either
+        # seed); often with an extra shape too, the base model's learned habit (README: toy world)
+        drawn = [tw.score(img, p)["objects_ok"] for img, p in zip(tw.to_uint8(images), prompts)]
+        assert np.mean(drawn) >= 0.8, drawn
+        right = captioner.caption_logprob(cap, images, prompts)
+        prefers.append(right > captioner.caption_logprob(cap, images, other))
+    # the captioner prefers the asked-for prompt to the same colour with another shape on most of
+    # the base model's own samples (measured 10 + 13 of 36; the previous captioner 69% of the same
+    # base's samples: the price of binding, README: toy world)
+    assert torch.cat(prefers).float().mean() >= 0.55
 
 
 def test_eval_command_writes_scores_and_a_grid(tmp_path, capsys):
@@ -76,7 +79,7 @@ def test_shipped_captioner_reward_is_semantic():
     clean = lp(tw.to_float(np.stack([tw.render(s) for s in mixed])), texts)
     for kind in ("blend", "merge", "duplicate", "noise"):  # melt: see the README
         odd = lp(tw.to_float(np.stack([tw.render_odd(s, kind, rng) for s in mixed])), texts)
-        assert (clean - odd).mean() > 0.3, kind  # measured 0.4-1.6 nats/token
+        assert (clean - odd).mean() > 0.3, kind  # measured 0.66-1.05 nats/token
     two = [s for s in (tw.sample_scene(rng, "two") for _ in range(40))
            if s.objects[0][:2] != s.objects[1][:2] and s.objects[0].colour != s.objects[1].colour
            and s.objects[0].shape != s.objects[1].shape][:12]
@@ -84,8 +87,9 @@ def test_shipped_captioner_reward_is_semantic():
     swap = [tw.prompt(s._replace(objects=(s.objects[0]._replace(colour=s.objects[1].colour),
                                           s.objects[1]._replace(colour=s.objects[0].colour))))
             for s in two]
+    # measured 10 of 12 (the two lost by 0.14-0.15 nats/token; the benchmark: 61 of 64)
     assert (lp(x2, [tw.prompt(s) for s in two]) > lp(x2, swap)).float().mean() >= 10 / 12
     dup = [tw.render_odd(s, "duplicate", rng) for s in mixed]
     more = [tw.describe(d).count(" a ") > len(s.objects) - 1 for d, s in zip(dup, mixed)]
     lost = (clean > lp(tw.to_float(np.stack(dup)), texts))[torch.tensor(more)]
-    assert lost.float().mean() >= 0.7, lost
+    assert lost.float().mean() >= 0.7, lost  # measured 11 of 12
