@@ -281,7 +281,8 @@ def miscount(text: str, rng: np.random.Generator) -> str:
     palette object added. The base model's commonest errors are an extra shape and a missing one,
     and both change only where a caption ends (one token of ten), so the token-mean likelihood
     hardly sees them unless the captioner is taught that a caption ending early is wrong."""
-    objs = re.findall(r"a \S+ \S+", text.removesuffix(" with noise"))  # 'a red circle', 'a mixed blob'
+    # the objects named: 'a red circle', 'a mixed blob'
+    objs = re.findall(r"a \S+ \S+", text.removesuffix(" with noise"))
     noise = " with noise" if text.endswith("noise") else ""
     if len(objs) >= 2:
         return str(rng.choice(objs)) + noise
