@@ -130,8 +130,9 @@ def test_ascent_stays_in_budget_and_raises_the_target():
     # a wrong colour: room to rise (a wrong shape may not have it: the shipped captioner prefers
     # another shape to the true one on 11 of 64 clean one-object renders, as the previous did)
     cols = list(tw.COLOURS)
-    target = [tw.prompt(s._replace(objects=(s.objects[0]._replace(
-        colour=cols[(cols.index(s.objects[0].colour) + 1) % len(cols)]),))) for s in one]
+    after = {c: cols[(i + 1) % len(cols)] for i, c in enumerate(cols)}  # the next palette colour
+    recoloured = [s.objects[0]._replace(colour=after[s.objects[0].colour]) for s in one]
+    target = [tw.prompt(s._replace(objects=(o,))) for s, o in zip(one, recoloured)]
     adv = tb.ascend(cap, x, target, eps=0.05, steps=5)
     rms = (adv - x).pow(2).mean((1, 2, 3)).sqrt()
     assert (rms <= 0.05 + 1e-6).all() and adv.min() >= 0 and adv.max() <= 1
