@@ -1,6 +1,6 @@
 """Concept matching's frozen captioner: BLIP's log-likelihood of the prompt given a generated image.
 
-Source: CoMat official concept_mat_utils/caption_blip.py (spec comat-official.md section 2), on
+Source: CoMat official concept_mat_utils/caption_blip.py (docs/official-code.md section 2), on
 transformers' BlipForConditionalGeneration (official: Salesforce/blip-image-captioning-large).
 Preprocessing is done in torch, not with the HF image processor (PIL/numpy would cut the graph),
 so the gradient of the likelihood reaches the pixels, the VAE decoder and the UNet.

@@ -1,6 +1,7 @@
 """CoMat losses: attribute concentration (token + pixel), concept matching, GAN; the discriminator.
 
-Source: CoMat (Jiang et al., NeurIPS 2024) official code, see shared/spec/comat-official.md 3.3-4.
+Source: CoMat (Jiang et al., NeurIPS 2024) official code, github.com/CaraJ7/CoMat at 5eadcce;
+what it does and where this code differs: docs/official-code.md sections 1-4 and 6.
 Shapes: B batch, heads attention heads, HW flattened latent pixels (h*w), T text tokens (77),
 K objects per sample (padded), H, W image or latent size.
 Usage: flag `m.store = True` on `loss_modules(unet)`, run the grad-enabled UNet call, then
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 
 from unet import Attention, UNet, cross_attentions
 
-# --- gradient truncation: which sampling steps build a graph (comat-official.md 1.4) ---
+# --- gradient truncation: which sampling steps build a graph (docs/official-code.md 1) ---
 
 
 def pick_grad_steps(mode, n, k, rng):
@@ -35,13 +36,13 @@ def pick_grad_steps(mode, n, k, rng):
     raise ValueError(f"unknown gradient mode {mode!r} (comat, last, single)")
 
 
-# --- collecting the cross-attention maps (style.md P8: explicit state, no hooks) ---
+# --- collecting the cross-attention maps (explicit state on the module, no hooks) ---
 
 
 def loss_modules(unet: UNet, where: tuple[str, ...] = ("mid", "up")) -> list[Attention]:
     """The cross-attention modules whose maps feed the losses, in forward order.
 
-    Official (comat-official.md 3.3): mid and up blocks, never down; at 512 px that is every
+    Official (docs/official-code.md 3.3): mid and up blocks, never down; at 512 px that is every
     attention-bearing mid/up level for both SD1.5 (10 maps) and SDXL (46 maps)."""
     # names: "mid_block....attn2", "up_blocks.1....attn2", "down_blocks.0....attn2"
     blocks = {"down": "down_blocks", "mid": "mid_block", "up": "up_blocks"}
@@ -82,11 +83,12 @@ def resize_masks(masks: torch.Tensor, hw: tuple[int, int], dtype=torch.float32) 
     """(B, K, H, W) bool -> (B, K, h*w) 0/1 float at the attention resolution `hw` = (h, w).
 
     Official: torchvision Resize((r, r), antialias=True) on a bool mask (float, bilinear, back to
-    bool), then > 0: any partial coverage counts, so the mask is slightly dilated (3.5, P7)."""
+    bool), then > 0: any partial coverage counts, so the mask is slightly dilated
+    (docs/official-code.md 3.5)."""
     assert masks.ndim == 4 and masks.dtype == torch.bool, "masks: (B, K, H, W) bool"
     B, K = masks.shape[:2]
     m = F.interpolate(masks.to(dtype), size=hw, mode="bilinear", antialias=True)  # (B, K, h, w)
-    # Binarised here, on a constant, so no threshold ever sits on the gradient path (P9).
+    # Binarised here, on a constant, so no threshold ever sits on the gradient path.
     return (m > 0).to(dtype).reshape(B, K, -1)  # (B, K, HW)
 
 
@@ -109,7 +111,7 @@ def _check(tokens, masks, valid, B, HW):
     assert valid.shape == (B, K) and valid.dtype == torch.bool, "valid: (B, K) bool"
 
 
-# --- attribute concentration losses (TokenCompose-style; comat-official.md 3.5) ---
+# --- attribute concentration losses (TokenCompose-style; docs/official-code.md 3.5) ---
 
 
 def inside_fraction(attn, masks) -> torch.Tensor:
@@ -185,7 +187,7 @@ def attention_loss(maps, tokens, masks, valid, cond_half: bool = True):
     return tok, pix
 
 
-# --- concept matching and fidelity preservation (comat-official.md 2, 4.2) ---
+# --- concept matching and fidelity preservation (docs/official-code.md 2, 4) ---
 
 
 def caption_loss(logprob: torch.Tensor) -> torch.Tensor:

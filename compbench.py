@@ -1,5 +1,5 @@
 """T2I-CompBench's scoring rules as its scripts compute them (Karine-Huang/T2I-CompBench 1b70949,
-MIT; spec ../shared/spec/t2i-compbench.md): prompt analysis, the BLIP-VQA questions and product,
+MIT; docs/compbench.md): prompt analysis, the BLIP-VQA questions and product,
 the 2D and 3D spatial rules, numeracy, the 3-in-1 mix, as pure functions of strings, numbers,
 boxes and depth maps, each tested on hand-made inputs; and the benchmark's files (image layout,
 vqa_result.json outputs, prompt files, spaCy). evaluate.py runs the models, generation, the CLI.

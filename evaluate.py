@@ -1,15 +1,15 @@
-"""T2I-CompBench(++) as the benchmark scores it (Karine-Huang/T2I-CompBench 1b70949, MIT; spec
-../shared/spec/t2i-compbench.md): BLIP-VQA for colour, shape, texture; a detector and a position
+"""T2I-CompBench(++) as the benchmark scores it (Karine-Huang/T2I-CompBench 1b70949, MIT;
+docs/compbench.md): BLIP-VQA for colour, shape, texture; a detector and a position
 rule for spatial; CLIP for non-spatial; their 3-in-1 mix for complex; detector + DPT depth for
 3d_spatial; detector counts for numeracy. This file runs the models (from local folders), the
 layout, generation and the CLI; the rules themselves are compbench.py's pure functions.
 Deviations: Grounding-DINO, not UniDet (detector scores are not comparable with published
 numbers); spaCy's en_core_web_sm only when installed, else chunker.py's rule-based chunker.
-Layout (compbench.read_samples): OUT/{category}/samples/{prompt}_{NNNNNN}.png (index prompt * 10 + k,
-seed 42 + k).
-Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset --model toy
-    --blip blip-vqa-capfilt-large --clip clip-vit-base-patch32 --dino grounding-dino-tiny
-    --dpt dpt-hybrid-midas
+Layout (compbench.read_samples): OUT/{category}/samples/{prompt}_{NNNNNN}.png (index
+prompt * 10 + k, seed 42 + k).
+Usage: python evaluate.py runs/base --data T2I-CompBench/examples/dataset
+    --model path/to/stable-diffusion-v1-5 --blip blip-vqa-capfilt-large
+    --clip clip-vit-base-patch32 --dino grounding-dino-tiny --dpt dpt-hybrid-midas
 """
 import argparse
 import os
@@ -25,9 +25,8 @@ from transformers import (AutoProcessor, AutoTokenizer, BlipForQuestionAnswering
 import captioner
 import compbench as cb
 import segment
-import toyworld as tw
 import viz
-from sample import default_size, generate, load_or_exit
+from sample import generate, load_or_exit
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "3d_spatial",
               "numeracy")
@@ -228,11 +227,7 @@ def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, 
 
 # --- CLI ---
 def val_prompts(data, category):
-    """{category}_val.txt; data "toy": the toy world's 24 held-out two-object prompts (color
-    only: the toy's shapes are its nouns, not attributes)."""
-    if data == "toy":
-        assert category == "color", f"--data toy has color prompts only, not {category}"
-        return tw.EVAL_PROMPTS["two"]
+    """The benchmark's {category}_val.txt in the --data folder (toy/data holds the toy's)."""
     return cb.read_lines(os.path.join(data, f"{category}_val.txt"))
 
 
@@ -263,8 +258,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="T2I-CompBench scores (generate first if --model).")
     ap.add_argument("out", help="root: one benchmark folder per category, OUT/{category}/samples")
     ap.add_argument("--categories", default=",".join(CATEGORIES))
-    ap.add_argument("--data", help="the benchmark's examples/dataset folder, or toy")
-    ap.add_argument("--model", help="generate first: toy | diffusers folder | single file")
+    ap.add_argument("--data", help="the benchmark's examples/dataset folder (the toy's: toy/data)")
+    ap.add_argument("--model", help="generate first: diffusers folder | single file | tiny")
     ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors) to merge")
@@ -298,7 +293,7 @@ def main(argv=None):
             pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
             for c in cats:
                 generate_samples(pipe, val[c], os.path.join(a.out, c), a.n, 42, a.steps, a.cfg,
-                                 a.size or default_size(a.model, pipe), a.batch)
+                                 a.size or pipe.size, a.batch)
         print(f"noun chunks and POS tags: {'spaCy en_core_web_sm' if nlp else 'rule-based'}")
         rows = []
         for c in cats:

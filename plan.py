@@ -1,21 +1,25 @@
 """Will it fit? Memory, FLOPs and GPU time of one CoMat training step, before loading a weight.
 
-`train.py --plan fake` runs train.py's own step (generator step and discriminator step, twice, so
-the optimiser state exists) on fake tensors: torch's FakeTensorMode gives every tensor a shape,
-dtype and device but no data, so SDXL at 512 px costs no memory. Models are built from their
-configs (presets or a folder's config.json files), never from weights. A dispatch mode adds up the
-bytes of the live tensor storages and keeps the peak (what torch.cuda.max_memory_allocated sees,
-minus allocator rounding); FlopCounterMode counts matmul, convolution and attention FLOPs.
-`--plan real` runs the same on random real weights: the measurement the estimate is checked on.
+`python plan.py --model sdxl [train.py flags]` runs train.py's own step (generator step and
+discriminator step, twice, so the optimiser state exists) on fake tensors: torch's FakeTensorMode
+gives every tensor a shape, dtype and device but no data, so SDXL at 512 px costs no memory. Models
+are built from their configs (presets or a folder's config.json files), never from weights. A
+dispatch mode adds up the bytes of the live tensor storages and keeps the peak (what
+torch.cuda.max_memory_allocated sees, minus allocator rounding); FlopCounterMode counts matmul,
+convolution and attention FLOPs.
+`python plan.py --real ...` runs the same on random real weights: the measurement the estimate is
+checked on.
 Limits (README "What fits where"): CPU autocast rules (bf16 norm and softmax outputs; CUDA autocast
 keeps those in fp32), no segmenter activations, no allocator fragmentation or CUDA workspaces.
 """
 import json
 import os
 import resource
+import sys
 import tempfile
 import weakref
 from contextlib import nullcontext
+from dataclasses import replace
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
@@ -25,6 +29,8 @@ from torch.utils._pytree import tree_flatten
 from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, CLIPTextConfig,
                           CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer)
 
+import sample
+import train
 import unet as U
 import vae as V
 import weights
@@ -128,7 +134,7 @@ def materialise(m, device, dtype):
 
 
 def pipeline(model, device, dtype):
-    """A Pipeline with random weights: preset name (sd15, sdxl, tiny, tiny-sdxl, toy) or a diffusers
+    """A Pipeline with random weights: preset name (sd15, sdxl, tiny, tiny-sdxl) or a diffusers
     folder, of which only the config.json and tokenizer files are read."""
     with meta_if_fake():
         if model in ("tiny", "tiny-sdxl"):
@@ -140,8 +146,8 @@ def pipeline(model, device, dtype):
                     for cls, t in zip((CLIPTextModel, CLIPTextModelWithProjection), texts)]
             pipe = weights.Pipeline(U.UNet(ucfg), V.VAE(vcfg), toks, encs, ucfg.adm_dim > 0)
         else:
-            model = weights.TOY if model == "toy" else model
-            assert os.path.isdir(model), f"--plan needs a preset or a diffusers folder: {model}"
+            model = weights.find(model)
+            assert os.path.isdir(model), f"plan.py needs a preset or a diffusers folder: {model}"
             ucfg, vcfg = (parse(json.load(open(os.path.join(model, part, "config.json"))))
                           for part, parse in (("unet", weights.unet_config_from_diffusers),
                                               ("vae", weights.vae_config_from_diffusers)))
@@ -214,7 +220,7 @@ def unet_flops(unet, cfg, batch, side):
     return counter.get_total_flops()
 
 
-def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops):
+def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops, real):
     """Print the plan; returns its numbers (GB, FLOPs per step) for tests and bench scripts.
     steps: the run's optimizer steps; extra_flops: per step, the denoising steps left out."""
     w = nbytes(*models.values())
@@ -225,7 +231,7 @@ def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops):
     r = {"weights": w / GB, "optimiser": o / GB, "activations": act / GB, "peak": peak / GB,
          "flops": per_step, "parts": {k: nbytes(v) / GB for k, v in models.items()}}
     r["batch_fit"] = {gb: int((gb * GB - w - o) // (act / cfg.batch)) for _, gb, _ in GPUS}
-    fake = cfg.plan == "fake"
+    fake = not real
     kind = "estimate (fake tensors)" if fake else "measured (random real weights)"
     print(f"plan, {kind}: {cfg.model}, {cfg.size} px, batch {cfg.batch}, LoRA rank {cfg.rank}, "
           f"K {cfg.grad_steps}, checkpointing {'on' if cfg.checkpointing else 'off'}, "
@@ -250,3 +256,47 @@ def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops):
               f"frozen UNet, {r['parts'].get('discriminator', 0):.1f} GB, shared with the "
               f"generator's (not implemented)")
     return r
+
+
+def plan(cfg: train.TrainConfig, real: bool = False) -> dict:
+    """Two steps of train.py's own step code (train.setup, train.losses, train.update) on models
+    with random weights: fake tensors (no memory: any size plans on a laptop) or, with real, real
+    ones (the check of the estimate). T = K denoising steps has the graph and memory of T = 50;
+    the FLOPs of the T - K steps without graph are added from one UNet call."""
+    steps, T = cfg.steps, cfg.total_steps
+    cfg = replace(cfg, steps=2, total_steps=cfg.grad_steps, every=10**9,
+                  out=tempfile.mkdtemp(prefix="plan-"))
+    cuda = real and torch.cuda.is_available()  # fake tensors live on the CPU
+    device = "cuda" if cuda else "cpu"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (cuda or not real))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    prompts = sample.read_prompts(cfg.prompts)
+    with fake_mode() if not real else nullcontext(), Tracker() as tracker, flops() as counter:
+        rss0 = rss()
+        pipe = pipeline(cfg.model, device, dtype)
+        train.check_size(cfg, pipe)
+        cap = captioner(cfg.captioner, device, dtype)  # BLIP-large unless a folder is given
+        run = train.setup(cfg, pipe, cap, masks, prompts, device, dtype)
+        # cached reals are a tensor of the run's size; fly makes them in the step, as train does
+        reals = torch.randn(len(prompts), *run.lat_shape) if cfg.real == "cache" else None
+        tracker.peak = tracker.live  # the plan's peak and FLOPs are the steps', not the set-up's
+        counter.flop_counts.clear()
+        for step in range(cfg.steps):  # fake tensors hold no values to draw a batch order from
+            idx = [j % len(prompts) for j in range(cfg.batch)]
+            train.update(run, train.losses(run, idx, step), reals, idx)
+        models = {"unet": pipe.unet, "discriminator": run.D, "vae": pipe.vae,
+                  "text": torch.nn.ModuleList(pipe.encoders), "captioner": cap.model}
+        extra = (T - cfg.total_steps) * unet_flops(pipe.unet, cfg, cfg.batch, run.lat_shape[-1])
+        return report(cfg, tracker, counter, rss0, models, (run.opt, run.opt_d), steps, extra,
+                      real)
+
+
+def main(argv=None):
+    """python plan.py [--real] [train.py flags]: the flags are train.py's, --model included."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    real = "--real" in argv
+    return plan(train.parse([a for a in argv if a != "--real"]), real)
+
+
+if __name__ == "__main__":
+    main()

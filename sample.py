@@ -2,7 +2,8 @@
 ancestral) shared by training and sampling, guidance as a closure, prompt encoding, and the CLI.
 
 Schedule and steps follow diffusers' DDIM/DDPMScheduler with the SD config (scaled-linear betas,
-"leading" spacing, steps_offset 1, no clipping); see ../shared/spec/sdxl.md section 6.
+"leading" spacing, steps_offset 1, no clipping), as in the scheduler configs
+that ship with SD1.5 and SDXL (docs/official-code.md 7).
 Shapes: B batch, C latent channels, H, W latent size, T text tokens (77), D context width.
 Usage: python sample.py "a red cat" --model path/to/sdxl --steps 30 --seed 0
 """
@@ -16,7 +17,8 @@ import torch
 from tqdm import tqdm
 
 import viz
-from weights import load, load_state, load_strict, merge_lora
+from unet import merge_lora
+from weights import load, load_state, load_strict
 
 # --- noise schedule and the two update rules ---
 
@@ -189,17 +191,13 @@ def load_or_exit(model, unet=None, lora=None, device="cpu", dtype=torch.float32,
     return pipe
 
 
-def default_size(model, pipe):
-    """The size a model was trained at: 64 px for the toy and tiny presets, else SD's."""
-    return 64 if model in ("toy", "tiny", "tiny-sdxl") else 1024 if pipe.sdxl else 512
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL or a fine-tune.")
     ap.add_argument("prompt", nargs="*", help="one or more prompts")
     ap.add_argument("--prompts", help="text file, one prompt per line")
-    ap.add_argument("--model", default="toy",
-                    help="toy (the shipped toy-world model) | tiny | tiny-sdxl | folder | file")
+    ap.add_argument("--model", default="toy/model",
+                    help="diffusers folder | single file | tiny | tiny-sdxl (random weights); "
+                         "default: the toy-world model shipped in this repository")
     ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) to merge")
@@ -207,7 +205,8 @@ def main(argv=None):
     ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale; <= 1 disables CFG")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=1, help="images per prompt")
-    ap.add_argument("--size", type=int, help="image side in pixels (default: 1024 SDXL, 512 SD1.5)")
+    ap.add_argument("--size", type=int,
+                    help="image side in pixels (default: the model's, SDXL 1024, SD1.5 512)")
     ap.add_argument("--sampler", choices=["ddim", "ddpm"], default="ddim")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -222,7 +221,7 @@ def main(argv=None):
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
     f = pipe.vae.cfg.factor
-    size = a.size or default_size(a.model, pipe)
+    size = a.size or pipe.size
     if size % f or not f * 4 <= size <= 4096:
         sys.exit(f"error: --size must be a multiple of {f} between {4 * f} and 4096, got {size}")
     if a.model.startswith("tiny"):

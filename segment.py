@@ -1,10 +1,12 @@
 """Attribute concentration's inputs: objects parsed from the prompt, their CLIP token positions, and
 one binary mask per object on the generated image (Grounding-DINO boxes -> SAM masks).
 
-Source: CoMat official attr_concen_utils (spec comat-official.md 3.1-3.4). The official parser is
+Source: CoMat official attr_concen_utils (docs/official-code.md 3.1-3.4). The official parser is
 spaCy's en_core_web_trf; this one uses chunker.py's small rule-based chunker, so nothing is
 downloaded and the result is deterministic. The official masks come from FastSAM; here
-SAM is prompted with the boxes (P15). Segmentation runs under no_grad on the detached image.
+SAM is prompted with the boxes (the official code picks among
+FastSAM's everything-masks by box IoU; box prompts usually give tighter masks). Segmentation runs
+under no_grad on the detached image.
 A segmenter is any function seg(images, nouns) -> (masks, found), so others can be passed in.
 Shapes: B batch, K objects (padded), H, W image size.
 Usage: objs = objects(tokenizer, "a red cat and a blue dog"); masks, found = seg(images, nouns)
@@ -12,6 +14,7 @@ Usage: objs = objects(tokenizer, "a red cat and a blue dog"); masks, found = seg
 import re
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import (AutoProcessor, GroundingDinoForObjectDetection, SamModel,
@@ -113,7 +116,8 @@ def boxes_to_masks(sam, sam_processor, image, boxes):
 
 def detect(dino, dino_processor, image, names, box_threshold=0.3, text_threshold=0.25):
     """Grounding-DINO on one PIL image: [(k, score, xyxy pixel box (4,))], one per box whose phrase
-    IS the lower-case noun names[k], best score first; "red car" for "car" is ignored (P15)."""
+    IS the lower-case noun names[k], best score first; "red car" for "car" is ignored
+    (docs/official-code.md 3.4)."""
     # the caption format the HF processor builds from labels: "cat. dog."
     inputs = dino_processor(images=image, text=". ".join(names) + ".",
                             return_tensors="pt").to(dino.device, dino.dtype)
@@ -162,3 +166,95 @@ def load_segmenter(dino_path, sam_path, device="cpu"):
             AutoProcessor.from_pretrained(dino_path, local_files_only=True),
             sam.to(device).eval().requires_grad_(False),
             SamProcessor.from_pretrained(sam_path, local_files_only=True))
+
+
+# --- a segmenter for flat shapes on white: connected components classified by geometry ---
+# What the toy world draws (toy/world.py renders with shape_mask). Colour-agnostic on purpose:
+# a mask says where a circle is, never which colour it has, so it cannot teach colour binding by
+# itself. Each component is one shape: the template (circle, square, triangle) it fits best.
+# a pixel is foreground when some channel is this far below white: about half way to every
+# palette colour, so a soft edge (a generated image) is cut where a sharp render would be
+INK = 110
+MIN_AREA = 40    # smaller components are specks, ignored (a 16 px triangle has ~120 px)
+
+
+def shape_mask(shape, cx, cy, size, h=64, w=64) -> np.ndarray:
+    """(h, w) bool: pixels whose CENTRE lies in the shape, so there is no anti-aliasing."""
+    py, px = np.mgrid[0:h, 0:w] + 0.5
+    dx, dy, r = px - cx, py - cy, size / 2
+    if shape == "circle":
+        return dx * dx + dy * dy <= r * r
+    if shape == "square":
+        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
+    # upright isosceles triangle: apex at the top centre, base = height = size at the bottom
+    t = (dy + r) / size  # 0 at the apex, 1 at the base
+    return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r)
+
+
+def label(fg: np.ndarray) -> np.ndarray:
+    """4-connected component labels of a bool (H, W) mask: 0 background, 1..n components.
+    Min-label propagation with pointer jumping (a label is a pixel index + 1, so a pixel can
+    adopt its label's label), in numpy: about a millisecond per 64x64 image."""
+    h, w = fg.shape
+    big = h * w + 1
+    lab = np.where(fg, np.arange(1, h * w + 1).reshape(h, w), big)
+    while True:
+        new = lab.copy()
+        np.minimum(new[1:], lab[:-1], out=new[1:])  # from the pixel above, below, left, right
+        np.minimum(new[:-1], lab[1:], out=new[:-1])
+        np.minimum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
+        np.minimum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
+        new[~fg] = big  # background neither takes nor passes labels
+        new[fg] = np.minimum(new[fg], new.ravel()[new[fg] - 1])  # pointer jump
+        if np.array_equal(new, lab):
+            break
+        lab = new
+    return np.where(fg, np.unique(lab, return_inverse=True)[1].reshape(h, w) + 1, 0)
+
+
+def fit(comp: np.ndarray) -> tuple[str, float, tuple[float, float, float]]:
+    """Shape of a component mask by geometry: the template (re-rendered from the bounding box)
+    with the best IoU, that IoU and the template's (cx, cy, size). The square template fills
+    the box, so its IoU is the fill ratio (square 1, circle ~pi/4, triangle ~1/2); a wrong
+    aspect ratio lowers every IoU.
+    Clean renders are reproduced exactly (IoU 1) because their corners are integers."""
+    rows, cols = np.nonzero(comp.any(1))[0], np.nonzero(comp.any(0))[0]
+    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+    w, h = c1 - c0 + 1, r1 - r0 + 1
+    cx, cy, s = c0 + w / 2, r0 + h / 2, (w + h) / 2
+    # a triangle's base row is its widest: size = width, base on the last row (the apex row
+    # of an even-sized triangle holds no pixel centre, so the height can be one short)
+    fits = {"circle": (cx, cy, s), "square": (cx, cy, s), "triangle": (cx, r1 + 1 - w / 2, w)}
+    ious = {}
+    for shape, (x, y, size) in fits.items():
+        t = shape_mask(shape, x, y, size, *comp.shape)
+        ious[shape] = (t & comp).sum() / (t | comp).sum()
+    best = max(ious, key=ious.get)
+    return best, float(ious[best]), fits[best]
+
+
+def components(img: np.ndarray) -> list[np.ndarray]:
+    """Bool masks of the foreground components of a (H, W, 3) uint8 image, specks dropped."""
+    lab = label((255 - img.astype(np.int16)).max(-1) > INK)
+    areas = np.bincount(lab.ravel())
+    return [lab == k for k in range(1, len(areas)) if areas[k] >= MIN_AREA]
+
+
+@torch.no_grad()
+def shapes(images: torch.Tensor, nouns: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """A segmenter for flat shapes on white (the toy world's pictures): masks (B, K, H, W) bool and
+    found (B, K) bool for images (B, 3, H, W) in [0, 1] and a list of shape names per image.
+    A noun's mask is the union of the components whose geometry is that shape; found is False
+    without any."""
+    B, _, H, W = images.shape
+    assert len(nouns) == B, f"{len(nouns)} noun lists for {B} images"
+    K = max([len(n) for n in nouns] + [1])
+    masks = torch.zeros(B, K, H, W, dtype=torch.bool)
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    for b, img in enumerate(pixels.permute(0, 2, 3, 1).cpu().numpy()):  # (H, W, 3) uint8
+        comps = [(fit(c)[0], c) for c in components(img)] if nouns[b] else []
+        for k, noun in enumerate(nouns[b]):
+            for shape, c in comps:
+                if shape == noun:
+                    masks[b, k] |= torch.from_numpy(c)
+    return masks.to(images.device), masks.flatten(2).any(2).to(images.device)

@@ -2,21 +2,28 @@
 
 Each step samples images from text prompts with gradient on K of the T denoising steps, then adds
 concept matching (a frozen BLIP's log-likelihood of the prompt), attribute concentration (token and
-pixel cross-attention losses against Grounded-SAM masks) and fidelity preservation (a GAN whose
-discriminator starts from the pretrained UNet). Defaults are the official scripts' (spec/comat.md).
+pixel cross-attention losses against object masks) and fidelity preservation (a GAN whose
+discriminator starts from the pretrained UNet). Defaults are the official scripts'
+(docs/official-code.md 5).
+Read in this order: TrainConfig and the presets, setup (models, optimisers), losses (phases 1-5 of
+a step), update (phases 6-7), train (the loop: data, the two halves of a step, logs, checkpoints).
 Usage: python train.py --prompts prompts.txt --model sd15 --captioner blip --dino gdino --sam sam
        torchrun --nproc_per_node 8 train.py ...   (prompts split across ranks, gradients averaged)
+       python plan.py --model sdxl ...            (memory and time of a step, before any download)
 """
 import argparse
 import copy
+import inspect
 import json
 import os
+import pickle
 import random
-import tempfile
+import re
+import shutil
 import time
 import warnings
-from contextlib import nullcontext
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -24,23 +31,22 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 import comat
-import plan
 import sample
-import toyworld
 import viz
-from captioner import caption_logprob, load_captioner, random_crop
-from segment import align, grounded_sam, load_segmenter, objects
+from captioner import Captioner, caption_logprob, load_captioner, random_crop
+from segment import align, grounded_sam, load_segmenter, objects, shapes
 from unet import LoRALinear, add_lora, fold_lora, lora_state_dict
-from weights import TOY, load, load_checkpoint, save_checkpoint, save_weights
+from weights import Pipeline, folder_preset, kind, load, save_weights
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     prompts: str = "prompts.txt"  # one prompt a line, or .jsonl lines {"prompt": ...}
-    model: str = "toy"            # toy | tiny | tiny-sdxl | diffusers folder | original file
+    model: str = "toy/model"      # diffusers folder | original file | tiny | tiny-sdxl
     captioner: str = ""           # BLIP folder (official: Salesforce/blip-image-captioning-large)
-    dino: str = ""                # Grounding-DINO folder; empty = no attribute concentration
+    dino: str = ""                # Grounding-DINO folder, with --sam: the official segmenter
     sam: str = ""                 # SAM folder (box prompts; official used FastSAM)
+    segmenter: str = "grounded-sam"  # grounded-sam (--dino, --sam; else none) | shapes (flat)
     out: str = "runs/comat"       # checkpoints, log.jsonl, pictures
     steps: int = 2000             # optimizer steps (official 2000)
     batch: int = 4                # prompts per process per step (official SD1.5 4, SDXL 6)
@@ -66,94 +72,86 @@ class TrainConfig:
     real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
     precision: str = "auto"       # bf16 (autocast, bf16 base weights, fp32 LoRA) | fp32 | auto
     checkpointing: bool = True    # gradient checkpointing of UNet blocks
-    seed: int = 42
+    seed: int = 42                # LoRA init, batch order, noise: the whole run follows from it
     every: int = 200              # sample grid, heat-maps, loss curve and checkpoint every N steps
     max_nan: int = 5              # consecutive non-finite losses before stopping with a checkpoint
     resume: bool = False          # continue from out/latest
     export: bool = False          # also write out/unet.safetensors with the LoRA folded in
-    plan: str = ""                # fake: print memory, FLOPs, GPU time of a step, exit (plan.py)
 
 
-SDXL_DEFAULTS = dict(lr=2e-5, lr_d=5e-5, w_adv=0.5, batch=6)  # scripts/sdxl.sh
-# the toy world (toyworld.py): its own captioner, a run sized for 2 CPU cores; lr, attention and
-# adversarial weights chosen on the validation prompts (toyworld.VAL_PROMPTS: lr 3e-4 over 1e-4
-# and 1e-3; w_tok, w_pix 10x the official over 1x at training seeds 42-44, 30x, 100x; w_adv 0.03
-# over 1, 0.3 and 0.1, where 0.01 barely reaches the clipped step; README: toy world)
-TOY_DEFAULTS = dict(captioner=os.path.join(TOY, "captioner"), size=64, steps=300, batch=8, lr=3e-4,
-                    lr_d=1e-3, w_tok=1e-2, w_pix=5e-4, w_adv=0.03, rank=8, sampler="ddim",
-                    total_steps=20, grad_steps=5, checkpointing=False, every=100)
+# The official scripts' values per model family, over TrainConfig's (which are SD1.5's). A model
+# folder may carry its own preset in comat.json, applied last: the toy model's (toy/model) names
+# its captioner, the flat-shape segmenter and a run sized for 2 CPU cores, chosen on the toy's
+# validation prompts (docs/toy-world.md).
+PRESETS = {"sd15": {}, "sdxl": dict(lr=2e-5, lr_d=5e-5, w_adv=0.5, batch=6)}  # scripts/sdxl.sh
 
 
-def parse(argv):
-    """CLI flags from the dataclass fields; returns the config and the names given explicitly."""
+def preset(model: str) -> dict:
+    """The values a run on `model` uses where no flag is given: its family's, then its folder's."""
+    try:
+        return {**PRESETS[kind(model)], **folder_preset(model)}
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: --model: {e}") from None
+
+
+def parse(argv=None) -> TrainConfig:
+    """CLI flags from the dataclass fields, each with its comment as help and the value the run
+    will use for the chosen --model (TrainConfig's default, or the model's preset)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--model", default=TrainConfig.model)
+    defaults = {f.name: f.default for f in fields(TrainConfig)}
+    defaults |= preset(pre.parse_known_args(argv)[0].model)
+    comments = dict(re.findall(r"^    (\w+): .*?# (.*)$", inspect.getsource(TrainConfig), re.M))
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     for f in fields(TrainConfig):
         bool_like = f.type is bool or f.type == (bool | None)
-        kind = {"action": argparse.BooleanOptionalAction} if bool_like else {"type": f.type}
-        ap.add_argument("--" + f.name, default=None, help=f"default {f.default!r}", **kind)
-    given = {k: v for k, v in vars(ap.parse_args(argv)).items() if v is not None}
-    return TrainConfig(**given), set(given)
+        kind_ = {"action": argparse.BooleanOptionalAction} if bool_like else {"type": f.type}
+        ap.add_argument("--" + f.name, default=defaults[f.name], **kind_,
+                        help=f"{comments.get(f.name, '')} (default: {defaults[f.name]!r})")
+    return TrainConfig(**vars(ap.parse_args(argv)))
 
 
-def average_grads(params, world):
-    """Data parallelism by hand: all-reduce and average every gradient (DDP does it in buckets)."""
-    if world > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-            p.grad /= world
+# --- set-up: everything a step uses, made once ---
+class Run(NamedTuple):
+    cfg: TrainConfig
+    pipe: Pipeline
+    cap: Captioner
+    seg: Callable | None  # seg(images, nouns) -> (masks, found); None = attribute concentration off
+    prompts: list
+    objs: list            # per prompt: segment.Obj per object (noun, words, token positions)
+    D: comat.Discriminator
+    opt: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    params: list          # the generator's trainable parameters (LoRA, or the whole UNet)
+    d_params: list
+    blocks: list          # per --attn_layers entry: the cross-attentions whose maps are kept
+    ts: list              # the T sampling timesteps
+    abar: torch.Tensor
+    lat_shape: tuple      # (C, h, w) of one latent
+    detach: bool
+    null: tuple           # conditioning of "": the discriminator's, encoded once
+    device: str
+    dtype: torch.dtype
+    rank: int
+    world: int
 
 
-def main(argv=None):
-    cfg, given = parse(argv)
-    if not cfg.plan:
-        return train(cfg, given)
-    # --plan fake | real: two steps of train() on random weights built from configs, on fake
-    # tensors (no memory: any size plans on a laptop) or real ones (the check of the estimate)
-    with plan.fake_mode() if cfg.plan == "fake" else nullcontext():
-        with plan.Tracker() as tracker, plan.flops() as counter:
-            return train(cfg, given, (tracker, counter, plan.rss()))
-
-
-def train(cfg, given, probe=None):
-    """The run; with probe = (plan.Tracker, FlopCounterMode, RSS at start) (--plan) it stops after
-    two steps and returns plan.report's numbers."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
-    cuda = torch.cuda.is_available() and cfg.plan != "fake"  # fake tensors live on the CPU
-    if world > 1:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (cuda or cfg.plan == "fake"))
-    dtype = torch.bfloat16 if bf16 else torch.float32
-
-    # --- data and frozen models ---
-    prompts = sample.read_prompts(cfg.prompts)
-    pipe = plan.pipeline(cfg.model, device, dtype) if cfg.plan else load(cfg.model, device, dtype)
-    toy = cfg.model == "toy"
-    if pipe.sdxl or toy:  # the official SDXL script's values or the toy's, unless given
-        preset = TOY_DEFAULTS if toy else SDXL_DEFAULTS
-        cfg = replace(cfg, **{k: v for k, v in preset.items() if k not in given})
-    plan_T, plan_steps = cfg.total_steps, cfg.steps
-    if cfg.plan:  # two steps; T = K denoising steps has the graph and memory of T = 50 (README)
-        cfg = replace(cfg, steps=2, total_steps=cfg.grad_steps, every=10**9,
-                      out=tempfile.mkdtemp(prefix="plan-"))
-    detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
+def check_size(cfg, pipe) -> int:
+    """The VAE's downsampling factor, once --size is known to fit it."""
     f = pipe.vae.cfg.factor
     if cfg.size % f or cfg.size < 4 * f:
         raise SystemExit(f"error: --size must be a multiple of {f} and at least {4 * f}")
-    if not cfg.captioner and not cfg.plan:
-        raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
-    if cfg.plan:  # BLIP-large unless a folder is given; random masks, every object found
-        cap, seg = plan.captioner(cfg.captioner, device, dtype), plan.masks
-    else:
-        cap = load_captioner(cfg.captioner, device, dtype)
-        seg = (grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device)) if cfg.dino and cfg.sam
-               else None)
-    seg = toyworld.segment_shapes if toy and not seg else seg  # the toy's shape masks
+    return f
+
+
+def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
+    """LoRA (official) or the whole UNet trainable, the discriminator from a copy of the base UNet,
+    both optimisers, the prompts' objects and the attention layers. The caller chooses the models
+    (train: from files; plan.py: random, on fake tensors)."""
+    f = check_size(cfg, pipe)
     seg = seg if cfg.w_tok or cfg.w_pix else None  # weights 0: skip maps and masks altogether
     if seg is None and rank == 0:
-        warnings.warn("attribute concentration is off (no --dino/--sam, or w_tok = w_pix = 0)")
+        warnings.warn("attribute concentration is off (no segmenter, or w_tok = w_pix = 0)")
     clip_tok = pipe.tokenizers[0]  # token positions index its sequence (T = model_max_length)
     objs = [objects(clip_tok, p) for p in prompts]
     if cfg.prompts.endswith(".jsonl"):  # precomputed objects: {"objects": [[attr..., noun], ...]}
@@ -163,7 +161,6 @@ def train(cfg, given, probe=None):
     if rank == 0 and not any(objs):
         warnings.warn("no prompt has a parseable object: attention losses will be 0")
 
-    # --- trainable weights: LoRA (official) or the whole UNet; discriminator from the base UNet ---
     unet = pipe.unet.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank, as data parallelism needs
     D = comat.Discriminator(copy.deepcopy(unet))
@@ -181,91 +178,233 @@ def train(cfg, given, probe=None):
     # official layers: mid and up blocks, never down; kept apart because the pixel loss averages
     # maps per (block, resolution) group: SD1.5 mid_8 up_16 up_32 up_64, SDXL mid_16 up_16 up_32
     blocks = [comat.loss_modules(unet, (w,)) for w in cfg.attn_layers.split(",")]
-    loss_mods = [m for mods in blocks for m in mods]
-    ts, abar = sample.timesteps(cfg.total_steps), sample.alphas_cumprod()
-    lat_shape = (pipe.unet.cfg.in_channels, cfg.size // f, cfg.size // f)
-    autocast = torch.autocast(device.split(":")[0], torch.bfloat16, enabled=bf16)
+    detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
+    run = Run(cfg, pipe, cap, seg, prompts, objs, D, opt, opt_d, params, d_params, blocks,
+              sample.timesteps(cfg.total_steps), sample.alphas_cumprod(),
+              (pipe.unet.cfg.in_channels, cfg.size // f, cfg.size // f), detach, (), device, dtype,
+              rank, world)
+    return run._replace(null=cond(run, [""]))
 
-    def cond(batch_prompts):
-        """Frozen text conditioning with the official training negative, the encoding of ""."""
-        with torch.no_grad():
-            c, u, p, up = sample.conditioning(pipe, batch_prompts, negative="")
-        ids = sample.time_ids(cfg.size, cfg.size, len(c)).to(c) if pipe.sdxl else None
-        return c, u, p, up, ids
 
-    def generate(batch_prompts, x, g, grads=(), store_at=(), maps=None):
-        """x_T (B, C, h, w) -> final latent; DDPM noise from g; graph only at `grads`."""
-        c, u, p, up, ids = cond(batch_prompts)
-        guided = sample.cfg_fn(unet, c, u, cfg.cfg, p, up, ids)
+def autocast(run):
+    return torch.autocast(run.device.split(":")[0], torch.bfloat16,
+                          enabled=run.dtype == torch.bfloat16)
 
-        def eps(x, t):  # keep cross-attention probs (with graph) only at the chosen steps
-            for m in loss_mods:
-                m.store = t in store_at
-            e = guided(x, t)
-            if t in store_at:  # one list per (step, block kind): the official sums over steps
-                maps.extend(comat.attention_maps(mods) for mods in blocks)
-            return e
-        z = sample.denoise(eps, x.to(device), ts, abar, cfg.sampler, grads, detach, g)
-        for m in loss_mods:
-            m.store = False
-        return z
 
-    def base_latents(batch_prompts, x, g):
-        """On-the-fly reals (--real fly): the base model, LoRA switched off, same prompts."""
-        lora = [m for m in unet.modules() if isinstance(m, LoRALinear)]
-        if not lora:
-            raise SystemExit("error: --real fly needs LoRA training (--rank > 0)")
-        scales = [m.scale for m in lora]
-        for m in lora:
-            m.scale = 0.0
-        with torch.no_grad():
-            z = generate(batch_prompts, x, g)
-        for m, s in zip(lora, scales):
-            m.scale = s
-        return z
+def cond(run, prompts):
+    """Frozen text conditioning with the official training negative, the encoding of ""."""
+    with torch.no_grad():
+        c, u, p, up = sample.conditioning(run.pipe, prompts, negative="")
+    ids = sample.time_ids(run.cfg.size, run.cfg.size, len(c)).to(c) if run.pipe.sdxl else None
+    return c, u, p, up, ids
 
-    null = cond([""])  # D's conditioning, the empty prompt: encoded once, expanded per call
 
-    def disc(z):
-        """D on clean latents at the last sampling timestep, conditioned on the empty prompt."""
-        u, up, ids = (v if v is None else v.expand(len(z), *v.shape[1:])
-                      for v in (null[1], null[3], null[4]))
-        return D(z, ts[-1], u, up, ids)
+def generate(run, prompts, x, g, grads=(), store_at=(), maps=None):
+    """x_T (B, C, h, w) -> final latent; DDPM noise from g; graph only at the steps `grads`; the
+    cross-attention maps of the timesteps `store_at` appended to `maps`, one list per block."""
+    c, u, p, up, ids = cond(run, prompts)
+    guided = sample.cfg_fn(run.pipe.unet, c, u, run.cfg.cfg, p, up, ids)
+    mods = [m for block in run.blocks for m in block]
 
-    def batch_of(step):
-        """This rank's prompt indices at `step`: a seeded permutation per epoch, so resuming or
-        changing the number of processes sees the same global batches."""
-        if cfg.plan:  # fake tensors hold no values to draw an order from
-            return [j % len(prompts) for j in range(cfg.batch)]
-        idx, first = [], (step * world + rank) * cfg.batch
-        for j in range(first, first + cfg.batch):  # j: position in the endless shuffled stream
-            g = torch.Generator().manual_seed(cfg.seed + j // len(prompts))  # one order per epoch
-            idx.append(torch.randperm(len(prompts), generator=g)[j % len(prompts)].item())
-        return idx
+    def eps(x, t):  # keep cross-attention probs (with graph) only at the chosen steps
+        for m in mods:
+            m.store = t in store_at
+        e = guided(x, t)
+        if t in store_at:  # one list per (step, block kind): the official sums over steps
+            maps.extend(comat.attention_maps(block) for block in run.blocks)
+        return e
+    z = sample.denoise(eps, x.to(run.device), run.ts, run.abar, run.cfg.sampler, grads,
+                       run.detach, g)
+    for m in mods:
+        m.store = False
+    return z
 
-    # --- the discriminator's "real" latents: the frozen base model on the same prompts ---
-    os.makedirs(cfg.out, exist_ok=True)
-    real_path = os.path.join(cfg.out, "real_latents.safetensors")
-    cache = cfg.real == "cache" and cfg.w_adv and not cfg.plan  # no GAN, no reals; a plan draws
-    if cache and not os.path.exists(real_path):
-        if rank == 0:  # the LoRA is still zero here, so the model IS the base model
-            with torch.no_grad(), autocast:
+
+def base_latents(run, prompts, x, g):
+    """On-the-fly reals (--real fly): the base model, LoRA switched off, same prompts."""
+    lora = [m for m in run.pipe.unet.modules() if isinstance(m, LoRALinear)]
+    if not lora:
+        raise SystemExit("error: --real fly needs LoRA training (--rank > 0)")
+    scales = [m.scale for m in lora]
+    for m in lora:
+        m.scale = 0.0
+    with torch.no_grad():
+        z = generate(run, prompts, x, g)
+    for m, s in zip(lora, scales):
+        m.scale = s
+    return z
+
+
+def disc(run, z):
+    """D on clean latents at the last sampling timestep, conditioned on the empty prompt."""
+    u, up, ids = (v if v is None else v.expand(len(z), *v.shape[1:])
+                  for v in (run.null[1], run.null[3], run.null[4]))
+    return run.D(z, run.ts[-1], u, up, ids)
+
+
+# --- one training step: losses (phases 1-5), then update (phases 6-7) ---
+class Losses(NamedTuple):
+    loss: torch.Tensor    # () the weighted sum the generator minimises
+    cap: torch.Tensor     # (B,) per-sample terms, unweighted
+    tok: torch.Tensor
+    pix: torch.Tensor
+    adv: torch.Tensor
+    z: torch.Tensor       # (B, C, h, w) generated latents, with graph
+    img: torch.Tensor     # (B, 3, H, W) decoded images, with graph
+    maps: list            # per (stored step, block): attention maps, for the heat-maps
+    prompts: list
+    objs: list
+    x_T: torch.Tensor     # the start noise and DDPM generator, for --real fly's base latents
+    g: torch.Generator
+
+
+def losses(run, idx, step) -> Losses:
+    """Phases 1-5 of step `step` on the prompts `idx`: sample with gradient on K steps, decode,
+    concept matching, the generator's adversarial term, attribute concentration."""
+    cfg, world, rank = run.cfg, run.world, run.rank
+    prompts, objs = [run.prompts[i] for i in idx], [run.objs[i] for i in idx]
+    rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
+    grads = comat.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
+    store_at = {run.ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if run.seg else set()
+    # x_T is drawn for the global batch and sliced, so N processes draw what one process with
+    # the combined batch draws; DDPM's per-step noise comes from a per-rank generator.
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
+    x_T = torch.randn(cfg.batch * world, *run.lat_shape, generator=g)
+    x_T = x_T[rank * cfg.batch:(rank + 1) * cfg.batch]
+    g = torch.Generator().manual_seed(cfg.seed * 7919 + step + 104729 * rank)
+
+    # 1-2. sample with gradient on the chosen steps, decode
+    maps = []
+    with autocast(run):
+        z = generate(run, prompts, x_T, g, grads, store_at, maps)
+        img = sample.decode(run.pipe, z)  # (B, 3, H, W), about [0, 1], graph kept, not clamped
+        # 3. concept matching on a jittered crop
+        cap = comat.caption_loss(caption_logprob(run.cap, img, prompts, smoothing=cfg.smoothing,
+                                                 crop=random_crop(cfg.size, rng)))
+        # 4. fidelity: the generator's adversarial term, D frozen for this step
+        for p in run.d_params:
+            p.requires_grad_(False)
+        adv = comat.g_loss(disc(run, z)) if cfg.w_adv else torch.zeros(len(idx), device=run.device)
+    # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
+    tok = pix = torch.zeros(len(idx), device=run.device)
+    if run.seg and any(objs):
+        masks, found = run.seg(img.detach().float().clamp(0, 1), [[o.noun for o in ob]
+                                                                  for ob in objs])
+        T = run.pipe.tokenizers[0].model_max_length
+        tokens = comat.object_tokens(objs, T=T).to(run.device)
+        for group in maps:
+            t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
+                                            cond_half=cfg.cfg > 1)
+            tok, pix = tok + t_l, pix + p_l
+    loss = (cfg.w_cap * cap.float() + cfg.w_tok * tok + cfg.w_pix * pix
+            + cfg.w_adv * adv.float()).mean()
+    return Losses(loss, cap, tok, pix, adv, z, img, maps, prompts, objs, x_T, g)
+
+
+def update(run, out: Losses, real, idx):
+    """Phases 6-7: the generator's step on out.loss, then the discriminator's on [fake; real]
+    (fakes detached; none when w_adv = 0). real: cached latents, or None to make them (fly).
+    Returns the generator's pre-clip gradient norm and the discriminator's loss."""
+    cfg = run.cfg
+    # 6. generator step
+    run.opt.zero_grad(set_to_none=True)
+    out.loss.backward()
+    average_grads(run.params, run.world)
+    gnorm = torch.nn.utils.clip_grad_norm_(run.params, cfg.clip)
+    run.opt.step()
+
+    # 7. discriminator step
+    for p in run.d_params:
+        p.requires_grad_(True)
+    d_l = torch.zeros(())
+    if cfg.w_adv:
+        reals = real[idx] if real is not None else base_latents(run, out.prompts, out.x_T, out.g)
+        with autocast(run):  # fakes detached: this step trains D only
+            logits = disc(run, torch.cat([out.z.detach(), reals.to(out.z)]))
+            d_l = comat.d_loss(logits[len(out.z):], logits[:len(out.z)]).mean()
+        run.opt_d.zero_grad(set_to_none=True)
+        d_l.backward()
+        average_grads(run.d_params, run.world)
+        torch.nn.utils.clip_grad_norm_(run.d_params, cfg.clip_d)
+        run.opt_d.step()
+    return gnorm, d_l
+
+
+def average_grads(params, world):
+    """Data parallelism by hand: all-reduce and average every gradient (DDP does it in buckets)."""
+    if world > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+# --- the run ---
+def batch_of(cfg, step, rank, world, n):
+    """This rank's prompt indices at `step`: a seeded permutation per epoch, so resuming or
+    changing the number of processes sees the same global batches."""
+    idx, first = [], (step * world + rank) * cfg.batch
+    for j in range(first, first + cfg.batch):  # j: position in the endless shuffled stream
+        g = torch.Generator().manual_seed(cfg.seed + j // n)  # one order per epoch
+        idx.append(torch.randperm(n, generator=g)[j % n].item())
+    return idx
+
+
+def real_latents(run):
+    """The discriminator's "real" latents: the frozen base model on the same prompts, made once
+    (--real cache) into out/real_latents.safetensors; None for --real fly or without a GAN."""
+    cfg, path = run.cfg, os.path.join(run.cfg.out, "real_latents.safetensors")
+    if not (cfg.real == "cache" and cfg.w_adv):
+        return None
+    if not os.path.exists(path):
+        if run.rank == 0:  # the LoRA is still zero here, so the model IS the base model
+            with torch.no_grad(), autocast(run):
                 real = []
-                for i in tqdm(range(0, len(prompts), 8), desc="real latents"):
-                    g, chunk = torch.Generator().manual_seed(cfg.seed + i), prompts[i:i + 8]
-                    x = torch.randn(len(chunk), *lat_shape, generator=g)
-                    real.append(generate(chunk, x, g))
+                for i in tqdm(range(0, len(run.prompts), 8), desc="real latents"):
+                    g, chunk = torch.Generator().manual_seed(cfg.seed + i), run.prompts[i:i + 8]
+                    x = torch.randn(len(chunk), *run.lat_shape, generator=g)
+                    real.append(generate(run, chunk, x, g))
                 real = torch.cat(real)
-            save_weights({"latents": real.float().cpu()}, real_path)
-        if world > 1:
+            save_weights({"latents": real.float().cpu()}, path)
+        if run.world > 1:
             dist.barrier()
-    real = load_file(real_path)["latents"] if cache else None
-    real = torch.randn(len(prompts), *lat_shape) if cfg.plan and cfg.real == "cache" else real
+    return load_file(path)["latents"]
+
+
+def segmenter(cfg, device):
+    """Grounded-SAM from --dino and --sam, the flat-shape segmenter, or None."""
+    if cfg.dino and cfg.sam:
+        return grounded_sam(*load_segmenter(cfg.dino, cfg.sam, device))
+    if cfg.segmenter not in ("grounded-sam", "shapes"):
+        raise SystemExit(f"error: --segmenter is grounded-sam or shapes, not {cfg.segmenter}")
+    return shapes if cfg.segmenter == "shapes" else None
+
+
+def train(cfg: TrainConfig):
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))  # torchrun
+    cuda = torch.cuda.is_available()
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu"
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+
+    # --- data, frozen models, trainable weights ---
+    prompts = sample.read_prompts(cfg.prompts)
+    pipe = load(cfg.model, device, dtype)
+    check_size(cfg, pipe)  # before BLIP and the segmenter are loaded
+    if not cfg.captioner:
+        raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
+    cap = load_captioner(cfg.captioner, device, dtype)
+    run = setup(cfg, pipe, cap, segmenter(cfg, device), prompts, device, dtype, rank, world)
+    os.makedirs(cfg.out, exist_ok=True)
+    real = real_latents(run)
 
     # --- resume ---
     start, log_rows, nan_run = 0, [], 0
     if cfg.resume and os.path.exists(os.path.join(cfg.out, "latest")):
-        start = load_checkpoint(cfg.out, unet, D, opt, opt_d, not cfg.rank)
+        start = load_checkpoint(cfg.out, pipe.unet, run.D, run.opt, run.opt_d, not cfg.rank)
         log_path = os.path.join(cfg.out, "log.jsonl")
         log_rows = [r for r in map(json.loads, open(log_path)) if r["step"] <= start]
     log = open(os.path.join(cfg.out, "log.jsonl") if rank == 0 else os.devnull, "w")
@@ -273,106 +412,48 @@ def train(cfg, given, probe=None):
         log.write(json.dumps(r) + "\n")
 
     # --- the loop ---
-    before = grid(cfg, pipe, prompts) if rank == 0 and not cfg.plan else None  # last PNG's row
-    if probe:  # the plan's peak and FLOPs are the steps', not the set-up's
-        probe[0].peak, _ = probe[0].live, probe[1].flop_counts.clear()
+    before = grid(cfg, pipe, prompts) if rank == 0 else None  # before_after.png's first row
     for step in tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=rank > 0):
         t0 = time.time()
-        idx = batch_of(step)
-        batch_prompts, batch_objs = [prompts[i] for i in idx], [objs[i] for i in idx]
-        rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
-        grads = comat.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
-        store_at = {ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if seg else set()
-        # x_T is drawn for the global batch and sliced, so N processes draw what one process
-        # with the combined batch draws; DDPM's per-step noise comes from a per-rank generator.
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
-        x_T = torch.randn(cfg.batch * world, *lat_shape, generator=g)
-        x_T = x_T[rank * cfg.batch:(rank + 1) * cfg.batch]
-        g = torch.Generator().manual_seed(cfg.seed * 7919 + step + 104729 * rank)
-
-        # 1-2. sample with gradient on the chosen steps, decode
-        maps = []
-        with autocast:
-            z = generate(batch_prompts, x_T, g, grads, store_at, maps)
-            img = sample.decode(pipe, z)  # (B, 3, H, W), about [0, 1], graph kept, not clamped
-            # 3. concept matching on a jittered crop
-            cap_l = comat.caption_loss(caption_logprob(cap, img, batch_prompts,
-                                                       smoothing=cfg.smoothing,
-                                                       crop=random_crop(cfg.size, rng)))
-            # 4. fidelity: the generator's adversarial term, D frozen for this step
-            for p in d_params:
-                p.requires_grad_(False)
-            adv = comat.g_loss(disc(z)) if cfg.w_adv else torch.zeros(len(idx), device=device)
-        # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
-        tok = pix = torch.zeros(len(idx), device=device)
-        if seg and any(batch_objs):
-            masks, found = seg(img.detach().float().clamp(0, 1),
-                               [[o.noun for o in ob] for ob in batch_objs])
-            tokens = comat.object_tokens(batch_objs, T=clip_tok.model_max_length).to(device)
-            for group in maps:
-                t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
-                                                cond_half=cfg.cfg > 1)
-                tok, pix = tok + t_l, pix + p_l
-        loss = (cfg.w_cap * cap_l.float() + cfg.w_tok * tok + cfg.w_pix * pix
-                + cfg.w_adv * adv.float()).mean()
-
-        # 6. generator step (skipped, with a warning, when the loss is not finite)
-        finite = torch.isfinite(loss.detach()).float()
+        idx = batch_of(cfg, step, rank, world, len(prompts))
+        # 1-5. sample, decode, the three losses
+        out = losses(run, idx, step)
+        # a non-finite loss skips the step, with a warning; too many in a row stop the run
+        finite = torch.isfinite(out.loss.detach()).float()
         if world > 1:  # every rank skips together, or the all-reduces below would hang
             dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-        if not cfg.plan and not bool(finite):  # (fake tensors hold no values)
+        if not bool(finite):
             nan_run += 1
             warnings.warn(f"step {step}: non-finite loss, step skipped ({nan_run} in a row)")
             if nan_run >= cfg.max_nan:
                 if rank == 0:
-                    save_checkpoint(cfg.out, step, unet, D, opt, opt_d, not cfg.rank)
+                    save_checkpoint(cfg.out, step, pipe.unet, run.D, run.opt, run.opt_d,
+                                    not cfg.rank)
                 raise SystemExit(f"error: {nan_run} non-finite losses in a row; checkpoint saved")
             continue
         nan_run = 0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_grads(params, world)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        opt.step()
+        # 6-7. generator step, discriminator step
+        gnorm, d_l = update(run, out, real, idx)
 
-        # 7. discriminator step on [fake; real], fakes detached (no GAN at all when w_adv = 0)
-        for p in d_params:
-            p.requires_grad_(True)
-        d_l = torch.zeros(())
-        if cfg.w_adv:
-            reals = real[idx] if real is not None else base_latents(batch_prompts, x_T, g)
-            with autocast:  # fakes detached: this step trains D only
-                logits = disc(torch.cat([z.detach(), reals.to(z)]))
-                d_l = comat.d_loss(logits[len(z):], logits[:len(z)]).mean()
-            opt_d.zero_grad(set_to_none=True)
-            d_l.backward()
-            average_grads(d_params, world)
-            torch.nn.utils.clip_grad_norm_(d_params, cfg.clip_d)
-            opt_d.step()
-
-        if cfg.plan:
-            continue
         # 8. log, pictures, checkpoint (rank 0 only)
-        row = {"step": step + 1, "loss": loss.item(), "cap": cap_l.mean().item(),
-               "tok": tok.mean().item(), "pix": pix.mean().item(), "adv": adv.mean().item(),
-               "d": d_l.item(), "grad_norm": gnorm.item(), "sec": round(time.time() - t0, 3)}
+        row = {"step": step + 1, "loss": out.loss.item(), "cap": out.cap.mean().item(),
+               "tok": out.tok.mean().item(), "pix": out.pix.mean().item(),
+               "adv": out.adv.mean().item(), "d": d_l.item(), "grad_norm": gnorm.item(),
+               "sec": round(time.time() - t0, 3)}
         log_rows.append(row)
         log.write(json.dumps(row) + "\n")
         log.flush()
         if rank == 0 and ((step + 1) % cfg.every == 0 or step + 1 == cfg.steps):
-            pictures(cfg, pipe, prompts, log_rows, maps, img, batch_objs[0], step + 1)
-            save_checkpoint(cfg.out, step + 1, unet, D, opt, opt_d, not cfg.rank)
-    if cfg.plan:
-        models = {"unet": pipe.unet, "discriminator": D, "vae": pipe.vae,
-                  "text": torch.nn.ModuleList(pipe.encoders), "captioner": cap.model}
-        extra = (plan_T - cfg.total_steps) * plan.unet_flops(unet, cfg, cfg.batch, lat_shape[-1])
-        return plan.report(cfg, *probe, models, (opt, opt_d), plan_steps, extra)
+            pictures(cfg, pipe, prompts, log_rows, out, step + 1)
+            save_checkpoint(cfg.out, step + 1, pipe.unet, run.D, run.opt, run.opt_d, not cfg.rank)
+
     if world > 1:  # data parallelism must leave identical weights on every rank: check it
-        total = torch.stack([p.detach().double().sum() for p in params]).sum()
+        total = torch.stack([p.detach().double().sum() for p in run.params]).sum()
         span = torch.stack([total, -total])  # after a MAX reduce: (max, -min) over the ranks
         dist.all_reduce(span, op=dist.ReduceOp.MAX)
         assert span[0] == -span[1], "ranks ended with different weights"
     if rank == 0:
+        unet = pipe.unet
         final = os.path.join(cfg.out, "lora.safetensors" if cfg.rank else "unet.safetensors")
         save_weights(lora_state_dict(unet) if cfg.rank else unet.state_dict(), final)
         viz.save_images(torch.cat([before, grid(cfg, pipe, prompts)]),
@@ -392,16 +473,63 @@ def grid(cfg, pipe, prompts):
                            seed=0, progress=False)
 
 
-def pictures(cfg, pipe, prompts, rows, maps, img, objs, step):
+def pictures(cfg, pipe, prompts, rows, out: Losses, step):
     """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
     images = grid(cfg, pipe, prompts)
     viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(images))
     viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
-    maps = [m for group in maps for m in group]
+    maps, objs = [m for group in out.maps for m in group], out.objs[0]
     if maps and objs:
         tokens = comat.object_tokens([objs], T=maps[0].shape[-1])[0]
-        viz.heatmaps(img[0], maps, tokens, [o.noun for o in objs],
+        viz.heatmaps(out.img[0], maps, tokens, [o.noun for o in objs],
                      os.path.join(cfg.out, f"attn-{step:06d}.png"))
+
+
+# --- checkpoints: LoRA or UNet, discriminator, optimisers, RNG ---
+def save_checkpoint(out, step, unet, D, opt, opt_d, full):
+    """Write out/ckpt-STEP atomically (temp folder, rename), then point out/latest at it."""
+    final, tmp = os.path.join(out, f"ckpt-{step}"), os.path.join(out, f"ckpt-{step}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_weights(unet.state_dict() if full else lora_state_dict(unet),
+                 os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
+    save_weights(D.state_dict(), os.path.join(tmp, "disc.safetensors"))
+    torch.save({"step": step, "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
+                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    with open(os.path.join(out, "latest.tmp"), "w") as fh:
+        fh.write(os.path.basename(final))
+    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
+    return final
+
+
+def load_checkpoint(out, unet, D, opt, opt_d, full) -> int:
+    """Load out/latest (save_checkpoint's) into the models and optimisers, and torch's RNG;
+    returns its step. A checkpoint of another model, or one holding a pickled object, is an
+    error: state.pt is read with weights_only (tensors, numbers, dicts and lists only), since a
+    pickled object in a shared checkpoint could run code when loaded."""
+    ck = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
+    w = load_file(os.path.join(ck, "unet.safetensors" if full else "lora.safetensors"))
+    bad = unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()},
+                               strict=False).unexpected_keys
+    assert not bad, f"checkpoint {ck} does not fit this model: {bad[:3]}"
+    D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
+    try:
+        st = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
+    except pickle.UnpicklingError as e:
+        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        raise SystemExit(f"error: {ck}/state.pt holds a pickled object "
+                         f"({what[1] if what else 'not a tensor, number, list or dict'}); "
+                         f"refused, since unpickling it could run code") from None
+    for o, key in ((opt, "opt"), (opt_d, "opt_d")):
+        o.load_state_dict(st[key])
+    torch.set_rng_state(st["torch_rng"])
+    return st["step"]
+
+
+def main(argv=None):
+    train(parse(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Stable Diffusion 1.5 / SDXL denoising UNet in plain PyTorch, one config-driven class.
 
-Source: diffusers `UNet2DConditionModel` (0.42); see shared/spec/sdxl.md sections 1-2 and 9.
+Source: diffusers `UNet2DConditionModel` (0.42); SDXL's differences (two text encoders, pooled
+embedding and time ids, transformer depths) in docs/official-code.md 7.
 Layout: attribute names ARE diffusers' state-dict keys (`down_blocks.1.attentions.0.proj_in`),
 so `UNet(SDXL).load_state_dict(diffusers_sd, strict=True)` works with no renaming.
 Shapes: B batch, C channels, H, W latent size, HW pixels, T text tokens, heads, d head size.
@@ -423,3 +424,28 @@ def fold_lora(unet: nn.Module) -> None:
             plain = nn.Linear(m.in_features, m.out_features, m.bias is not None, device="meta")
             plain.weight, plain.bias = m.weight, m.bias
             unet.set_submodule(name, plain)
+
+
+def merge_lora(unet: nn.Module, sd: dict) -> None:
+    """Merge LoRA weights into the UNet: W += (alpha / r) * up @ down for each adapted Linear.
+
+    Accepts diffusers/peft keys (`unet.<module>.lora_A.weight`, `lora_B.weight`) and the older
+    `<module>.lora.down.weight` / `lora.up.weight`; an optional `<module>.alpha` sets the scale.
+    """
+    down = (".lora_A.weight", ".lora.down.weight")
+    names = {k.removeprefix("unet.").removesuffix(down[0]).removesuffix(down[1])
+             for k in sd if k.endswith(down)}
+    if not names:
+        raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
+    mods = dict(unet.named_modules())
+    for n in sorted(names):
+        if n not in mods:
+            raise ValueError(f"LoRA targets a module the UNet does not have: {n}")
+        pre = next(p for p in ("unet." + n, n) if p + ".lora_A.weight" in sd
+                   or p + ".lora.down.weight" in sd)
+        down = sd.get(pre + ".lora_A.weight", sd.get(pre + ".lora.down.weight"))
+        up = sd.get(pre + ".lora_B.weight", sd.get(pre + ".lora.up.weight"))
+        alpha = sd.get(pre + ".alpha")
+        w = mods[n].weight
+        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
+        w.data += scale * (up.to(w) @ down.to(w))  # (out, r) @ (r, in)

@@ -2,24 +2,22 @@
 
 Two layouts: a diffusers folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/) whose tensor names
 already are our parameter names, and an original single file (LDM / SGM: `model.diffusion_model.*`,
-`first_stage_model.*`) renamed through one table per model (spec sdxl.md section 3). Modules are
-built on the meta device and filled with `assign=True`: no random init of billions of parameters.
+`first_stage_model.*`) renamed through one table per model (the same renames as diffusers'
+single-file conversion). Modules are built on the meta device and filled with `assign=True`: no
+random init of billions of parameters.
 Usage: `pipe = load_pipeline("path/to/stable-diffusion-xl-base-1.0", "cuda", torch.float16)`.
 """
 import json
 import os
-import pickle
-import re
-import shutil
 from dataclasses import dataclass
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet, UNetConfig, lora_state_dict
+from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet, UNetConfig
 from vae import SD15_VAE, SDXL_VAE, TINY_VAE, VAE, VAEConfig, rename_legacy_vae_keys
 
 UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
@@ -122,7 +120,7 @@ def _rename(keys, table: dict[str, str]) -> dict[str, str]:
 
 
 def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
-    """diffusers UNet key -> original key (without `model.diffusion_model.`), spec sdxl.md 3.1."""
+    """diffusers UNet key -> original key (without `model.diffusion_model.`)."""
     t = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
          "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
          "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
@@ -147,7 +145,7 @@ def unet_key_map(cfg: UNetConfig) -> dict[str, str]:
 
 
 def vae_key_map(cfg: VAEConfig) -> dict[str, str]:
-    """diffusers VAE key -> original LDM key (without `first_stage_model.`), spec sdxl.md 3.2."""
+    """diffusers VAE key -> original LDM key (without `first_stage_model.`)."""
     t = {k: k for k in ("quant_conv", "post_quant_conv", "encoder.conv_in", "encoder.conv_out",
                         "decoder.conv_in", "decoder.conv_out")}
     n = len(cfg.channels)
@@ -214,6 +212,7 @@ class Pipeline:
     tokenizers: list  # CLIPTokenizer per text encoder (SDXL: CLIP-L, then bigG)
     encoders: list    # CLIPTextModel (+ CLIPTextModelWithProjection for SDXL); frozen, eval
     sdxl: bool
+    size: int = 512   # the image side it was trained at: the UNet's sample_size x the VAE factor
 
 
 def _folder_part(folder: str, parse) -> tuple:
@@ -247,15 +246,18 @@ def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str 
         ucfg, unet_sd = _folder_part(os.path.join(model, "unet"), unet_config_from_diffusers)
         vcfg, vae_sd = _folder_part(os.path.join(model, "vae"), vae_config_from_diffusers)
         vae_sd, text_from = rename_legacy_vae_keys(vae_sd), model  # e.g. SD1.5's query/key/value
+        with open(os.path.join(model, "unet", "config.json")) as f:
+            size = (json.load(f).get("sample_size") or 0) * vcfg.factor  # may be null
     else:  # a single file has no config: the presets; check text_from before reading gigabytes
         if text_from is None or not os.path.isdir(text_from):
             raise ValueError(f"{model}: a single-file checkpoint needs text_from=<a diffusers "
                              f"folder> for the text encoders and tokenizers (got {text_from})")
         sd = load_state(model)
         ucfg, vcfg = (SDXL, SDXL_VAE) if single_file_kind(sd) == "sdxl" else (SD15, SD15_VAE)
+        size = 0
         unet_sd, vae_sd = from_single_file(sd, ucfg, vcfg)
     unet = _build(UNet, ucfg, unet_sd, f"{model}: unet", device, dtype)
-    # the SDXL VAE overflows fp16 (spec sdxl.md 4): keep it fp32, callers decode in fp32
+    # the SDXL VAE overflows fp16 (its config sets force_upcast): keep it fp32, decode in fp32
     vae_dtype = torch.float32 if dtype == torch.float16 and vcfg.upcast else dtype
     vae = _build(VAE, vcfg, vae_sd, f"{model}: vae", device, vae_dtype).requires_grad_(False).eval()
     tokenizers, encoders = [], []
@@ -266,10 +268,11 @@ def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str 
         enc = cls.from_pretrained(enc_dir, local_files_only=True)
         encoders.append(enc.to(device, dtype).requires_grad_(False).eval())
         tokenizers.append(CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True))
-    return Pipeline(unet, vae, tokenizers, encoders, sdxl=ucfg.adm_dim > 0)
+    sdxl = ucfg.adm_dim > 0
+    return Pipeline(unet, vae, tokenizers, encoders, sdxl, size or (1024 if sdxl else 512))
 
 
-# --- tiny random presets (until the toy world ships a trained default) and LoRA files ---
+# --- random-weight presets: tiny pipelines for tests and laptops, and the model paths ---
 
 
 def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
@@ -309,87 +312,57 @@ def tiny_pipeline(sdxl=False, seed=0):
     for e in encoders:
         e.requires_grad_(False).eval()
     unet = UNet(TINY_SDXL if sdxl else TINY_SD15)
-    return Pipeline(unet, VAE(TINY_VAE), tokenizers, encoders, sdxl)
+    return Pipeline(unet, VAE(TINY_VAE), tokenizers, encoders, sdxl, size=64)
 
 
-TOY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy")  # the shipped toy model
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def find(path: str) -> str:
+    """A model path as given or, when it is relative and not there, relative to this repository,
+    so the shipped toy folders (toy/model, toy/captioner) work from any directory."""
+    inside = os.path.join(ROOT, path)
+    return inside if not os.path.exists(path) and os.path.exists(inside) else path
+
+
+def kind(model: str) -> str:
+    """"sdxl" or "sd15", read from a preset name, a folder's unet/config.json or a single file's
+    tensor names, without loading a weight."""
+    if model in ("sd15", "sdxl", "tiny", "tiny-sdxl"):
+        return "sdxl" if model.endswith("sdxl") else "sd15"
+    model = find(model)
+    if os.path.isdir(model):
+        config = os.path.join(model, "unet", "config.json")
+        if not os.path.isfile(config):
+            raise FileNotFoundError(f"{config}: missing (not a diffusers model folder?)")
+        with open(config) as f:
+            return "sdxl" if json.load(f).get("addition_embed_type") == "text_time" else "sd15"
+    if not os.path.isfile(model):
+        raise FileNotFoundError(f"{model}: no such model folder or file")
+    with safe_open(model, "pt") as f:  # the header only
+        return single_file_kind(dict.fromkeys(f.keys()))
+
+
+def folder_preset(model: str) -> dict:
+    """A model folder's own training preset, comat.json (the toy model carries one: its captioner,
+    segmenter and run sizes); paths in it are relative to the folder. {} when there is none."""
+    path = os.path.join(find(model), "comat.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        preset = {k: v for k, v in json.load(f).items() if not k.startswith("_")}  # _: comments
+    for k in ("captioner", "dino", "sam"):
+        if preset.get(k):
+            preset[k] = os.path.relpath(os.path.join(os.path.dirname(path), preset[k]))
+    return preset
 
 
 def load(model, device="cpu", dtype=torch.float32, text_from=None):
-    """A preset name ("toy": the toy-world model in this repo; "tiny", "tiny-sdxl": random
-    weights) or a path (diffusers folder or single file)."""
-    model = TOY if model == "toy" else model
+    """A preset name ("tiny", "tiny-sdxl": random weights) or a path (diffusers folder or single
+    file)."""
     if model not in ("tiny", "tiny-sdxl"):
-        return load_pipeline(model, device, dtype, text_from)
+        return load_pipeline(find(model), device, dtype, text_from)
     pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
     for m in (pipe.unet, pipe.vae, *pipe.encoders):
         m.to(device, dtype)
     return pipe
-
-
-def merge_lora(unet, sd):
-    """Merge LoRA weights into the UNet: W += (alpha / r) * up @ down for each adapted Linear.
-
-    Accepts diffusers/peft keys (`unet.<module>.lora_A.weight`, `lora_B.weight`) and the older
-    `<module>.lora.down.weight` / `lora.up.weight`; an optional `<module>.alpha` sets the scale.
-    """
-    down = (".lora_A.weight", ".lora.down.weight")
-    names = {k.removeprefix("unet.").removesuffix(down[0]).removesuffix(down[1])
-             for k in sd if k.endswith(down)}
-    if not names:
-        raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
-    mods = dict(unet.named_modules())
-    for n in sorted(names):
-        if n not in mods:
-            raise ValueError(f"LoRA targets a module the UNet does not have: {n}")
-        pre = next(p for p in ("unet." + n, n) if p + ".lora_A.weight" in sd
-                   or p + ".lora.down.weight" in sd)
-        down = sd.get(pre + ".lora_A.weight", sd.get(pre + ".lora.down.weight"))
-        up = sd.get(pre + ".lora_B.weight", sd.get(pre + ".lora.up.weight"))
-        alpha = sd.get(pre + ".alpha")
-        w = mods[n].weight
-        scale = 1.0 if alpha is None else float(alpha) / down.shape[0]
-        w.data += scale * (up.to(w) @ down.to(w))  # (out, r) @ (r, in)
-
-
-# --- training checkpoints (train.py): LoRA or UNet, discriminator, optimisers, RNG ---
-def save_checkpoint(out, step, unet, D, opt, opt_d, full):
-    """Write out/ckpt-STEP atomically (temp folder, rename), then point out/latest at it."""
-    final, tmp = os.path.join(out, f"ckpt-{step}"), os.path.join(out, f"ckpt-{step}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    save_weights(unet.state_dict() if full else lora_state_dict(unet),
-                 os.path.join(tmp, "unet.safetensors" if full else "lora.safetensors"))
-    save_weights(D.state_dict(), os.path.join(tmp, "disc.safetensors"))
-    torch.save({"step": step, "opt": opt.state_dict(), "opt_d": opt_d.state_dict(),
-                "torch_rng": torch.get_rng_state()}, os.path.join(tmp, "state.pt"))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    with open(os.path.join(out, "latest.tmp"), "w") as fh:
-        fh.write(os.path.basename(final))
-    os.replace(os.path.join(out, "latest.tmp"), os.path.join(out, "latest"))
-    return final
-
-
-def load_checkpoint(out, unet, D, opt, opt_d, full) -> int:
-    """Load out/latest (save_checkpoint's) into the models and optimisers, and torch's RNG;
-    returns its step. A checkpoint of another model, or one holding a pickled object, is an
-    error: state.pt is read with weights_only (tensors, numbers, dicts and lists only), since a
-    pickled object in a shared checkpoint could run code when loaded."""
-    ck = os.path.join(out, open(os.path.join(out, "latest")).read().strip())
-    w = load_file(os.path.join(ck, "unet.safetensors" if full else "lora.safetensors"))
-    bad = unet.load_state_dict({k.removeprefix("unet."): v for k, v in w.items()},
-                               strict=False).unexpected_keys
-    assert not bad, f"checkpoint {ck} does not fit this model: {bad[:3]}"
-    D.load_state_dict(load_file(os.path.join(ck, "disc.safetensors")))
-    try:
-        st = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
-    except pickle.UnpicklingError as e:
-        what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise SystemExit(f"error: {ck}/state.pt holds a pickled object "
-                         f"({what[1] if what else 'not a tensor, number, list or dict'}); "
-                         f"refused, since unpickling it could run code") from None
-    for o, key in ((opt, "opt"), (opt_d, "opt_d")):
-        o.load_state_dict(st[key])
-    torch.set_rng_state(st["torch_rng"])
-    return st["step"]

@@ -1,8 +1,8 @@
-"""What fits where: train.py --plan on the official setups (fake tensors: no weights, no memory).
+"""What fits where: plan.py on the official setups (fake tensors: no weights, no memory).
 
-Each row is one `train.py --plan fake` run (train.py's own step, twice, on fake tensors at the real
+Each row is one `python plan.py` run (train.py's own step, twice, on fake tensors at the real
 architectures: UNet, discriminator, VAE, text encoders, BLIP-large, attention maps); `--check`
-instead compares the estimate with the same run on random real weights (`--plan real`), where the
+instead compares the estimate with the same run on random real weights (`plan.py --real`), where the
 real run fits in CPU memory.
 Usage: python bench/bench_plan.py [--models sd15,sdxl] [--grid 5:1,5:0,1:1] [--batch 1]
        python bench/bench_plan.py --check tiny,tiny-sdxl --size 64
@@ -17,18 +17,18 @@ import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import plan  # noqa: E402
-import train  # noqa: E402
 
 PROMPTS = os.path.join(os.path.dirname(__file__), "..", "prompts.txt")
 
 
 def run(model, K, ckpt, batch, size, mode, extra=()):
-    argv = ["--model", model, "--plan", mode, "--prompts", PROMPTS, "--size", str(size),
-            "--grad_steps", str(K), "--total_steps", "50", "--batch", str(batch),
-            "--checkpointing" if ckpt else "--no-checkpointing", "--rank", "128", *extra]
+    argv = ["--model", model, *(["--real"] if mode == "real" else []), "--prompts", PROMPTS,
+            "--size", str(size), "--grad_steps", str(K), "--total_steps", "50",
+            "--batch", str(batch), "--checkpointing" if ckpt else "--no-checkpointing",
+            "--rank", "128", *extra]
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()) as out:
         warnings.simplefilter("ignore")
-        r = train.main(argv)
+        r = plan.main(argv)
     return r, out.getvalue()
 
 

@@ -82,10 +82,19 @@ def tiny_grounded_sam(folder: str, words=("cat", "dog", "red", "circle", "square
     the no-detection path."""
     import os
 
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig,
-                              GroundingDinoForObjectDetection, GroundingDinoImageProcessorPil,
-                              GroundingDinoProcessor, SamConfig, SamImageProcessorPil, SamModel,
-                              SamProcessor, SwinConfig)
+    from transformers import (
+        BertConfig,
+        BertTokenizer,
+        GroundingDinoConfig,
+        GroundingDinoForObjectDetection,
+        GroundingDinoImageProcessorPil,
+        GroundingDinoProcessor,
+        SamConfig,
+        SamImageProcessorPil,
+        SamModel,
+        SamProcessor,
+        SwinConfig,
+    )
     gd, sm = os.path.join(folder, "gdino"), os.path.join(folder, "sam")
     os.makedirs(gd, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *words]

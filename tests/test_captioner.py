@@ -4,11 +4,11 @@ import random
 import numpy as np
 import pytest
 import torch
+from oracle import tiny_blip
 from PIL import Image
 from transformers import BlipConfig, BlipForConditionalGeneration
 
 from captioner import MEAN, STD, caption_logprob, load_captioner, preprocess, random_crop
-from oracle import tiny_blip
 
 PROMPTS = ["a red cat", "a blue dog on the left of a green circle"]
 

@@ -27,7 +27,7 @@ def small_masks(masks, hw=(4, 4)):
 
 
 def ref_losses(maps, tokens, masks, valid):
-    """Official formulas (comat-official.md 3.5), with loops: per sample, per layer, per object,
+    """Official formulas (docs/official-code.md 3.5), with loops: per sample, per layer, per object,
     per token; groups = resolutions; objects not kept are skipped, as comat.py documents."""
     B, K = valid.shape
     tok, pix = torch.zeros(B, dtype=D64), torch.zeros(B, dtype=D64)

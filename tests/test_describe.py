@@ -2,7 +2,7 @@
 say), and the validation split that training settings are chosen on."""
 import numpy as np
 
-import toyworld as tw
+from toy import world as tw
 
 
 def scenes(seed, n):

@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
+from oracle import tiny_grounded_sam
 from PIL import Image
 
 import compbench as cb
 import evaluate as ev
-from oracle import tiny_grounded_sam
 from weights import clip_tokenizer
 
 WORDS = "a an the green blue bench bowl girl frog top of yes no".split()

@@ -7,11 +7,11 @@ output in float64. Tiny random models; B is randomised so that the LoRA branch i
 import pytest
 import torch
 import torch.nn as nn
+from oracle import diffusers_unet, diffusers_vae
 from safetensors.torch import save_file
 
 import weights
-from oracle import diffusers_unet, diffusers_vae
-from unet import TINY_SD15, LoRALinear, UNet, add_lora, fold_lora, lora_state_dict
+from unet import TINY_SD15, LoRALinear, UNet, add_lora, fold_lora, lora_state_dict, merge_lora
 
 
 def _inputs(cfg, sdxl=False, dtype=torch.float64):
@@ -93,7 +93,7 @@ def test_fold_and_merge_match_lora_unet():
     x, t, ctx, _, _ = _inputs(TINY_SD15)
     with torch.no_grad():
         ours = unet(x, t, ctx)
-        weights.merge_lora(plain, lora_state_dict(unet))  # the sampler's --lora path
+        merge_lora(plain, lora_state_dict(unet))  # the sampler's --lora path
         torch.testing.assert_close(plain(x, t, ctx), ours)
         fold_lora(unet)
         torch.testing.assert_close(unet(x, t, ctx), ours)

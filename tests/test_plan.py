@@ -1,16 +1,15 @@
-"""train.py --plan: the fake-tensor estimate of one step's peak memory against the same two steps
+"""plan.py: the fake-tensor estimate of one step's peak memory against the same two steps
 on real (random) tensors, tiny presets; the plan's FLOP counter keeps no activation alive under
 gradient checkpointing; and the plan reads no weight file."""
 from contextlib import nullcontext
 
 import pytest
 import torch
-
-import plan
-import train
-from unet import TINY_SD15, UNet, add_lora
 from oracle import tiny_blip
 from test_train import PROMPTS
+
+import plan
+from unet import TINY_SD15, UNet, add_lora
 
 
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
@@ -20,8 +19,8 @@ def test_plan_estimate_matches_measured_peak(model, tmp_path):
     args = ["--model", model, "--prompts", str(tmp_path / "p.txt"), "--size", "64",
             "--captioner", tiny_blip(str(tmp_path / "blip")), "--total_steps", "8",
             "--grad_steps", "2", "--rank", "8", "--batch", "2", "--precision", "fp32"]
-    est = train.main(args + ["--plan", "fake"])
-    real = train.main(args + ["--plan", "real"])
+    est = plan.main(args)
+    real = plan.main(args + ["--real"])
     assert est["weights"] == pytest.approx(real["weights"], rel=1e-6)  # same models, same bytes
     assert est["optimiser"] == pytest.approx(real["optimiser"], rel=1e-6)
     # the stated tolerance (README "What fits where"): 5 % of the peak
@@ -31,10 +30,9 @@ def test_plan_estimate_matches_measured_peak(model, tmp_path):
 
 def test_plan_needs_no_weights(tmp_path):
     (tmp_path / "p.txt").write_text("a red cat\n")
-    r = train.main(["--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--size", "32",
-                    "--captioner", tiny_blip(str(tmp_path / "blip")), "--total_steps", "4",
-                    "--grad_steps", "2", "--batch", "1", "--plan", "fake",
-                    "--out", str(tmp_path / "never")])
+    r = plan.main(["--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--size", "32",
+                   "--captioner", tiny_blip(str(tmp_path / "blip")), "--total_steps", "4",
+                   "--grad_steps", "2", "--batch", "1", "--out", str(tmp_path / "never")])
     assert r["peak"] > r["weights"] > 0 and r["flops"] > 0
     assert not (tmp_path / "never").exists()  # nothing written where the run would write
 

@@ -4,14 +4,19 @@ import random
 
 import pytest
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,
-                       StableDiffusionXLPipeline)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+)
+from oracle import diffusers_unet, diffusers_vae
 from safetensors.torch import save_file
 
 import comat
 import sample
 import weights
-from oracle import diffusers_unet, diffusers_vae
+from unet import merge_lora
 
 SCHED = dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
              beta_end=0.012, prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1,
@@ -168,10 +173,10 @@ def test_merge_lora(tmp_path):
     expect = lin.weight.detach() + 0.5 * up @ down
     save_file({f"unet.{name}.lora_A.weight": down, f"unet.{name}.lora_B.weight": up,
                f"unet.{name}.alpha": torch.tensor(1.5)}, tmp_path / "l.safetensors")
-    weights.merge_lora(pipe.unet, weights.load_state(str(tmp_path / "l.safetensors")))
+    merge_lora(pipe.unet, weights.load_state(str(tmp_path / "l.safetensors")))
     torch.testing.assert_close(lin.weight.detach(), expect)
     with pytest.raises(ValueError, match="no LoRA keys"):
-        weights.merge_lora(pipe.unet, {"x": down})
+        merge_lora(pipe.unet, {"x": down})
 
 
 def test_cli_writes_png_and_rejects_bad_input(tmp_path, capsys):

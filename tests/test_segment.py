@@ -3,10 +3,9 @@ import itertools
 
 import pytest
 import torch
-
 from oracle import tiny_grounded_sam
-from segment import (align, boxes_to_masks, grounded_sam, load_segmenter, objects, parse,
-                     to_pil)
+
+from segment import align, boxes_to_masks, grounded_sam, load_segmenter, objects, parse, to_pil
 from weights import clip_tokenizer
 
 CASES = {

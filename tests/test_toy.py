@@ -10,16 +10,19 @@ from safetensors.torch import load_file
 
 import captioner
 import sample
-import toyworld as tw
+import toy
 import train
 import weights
+from toy import eval as toy_eval
+from toy import world as tw
+from unet import merge_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_shipped_weights_load_and_draw_the_asked_for_shape():
-    pipe = weights.load("toy")
-    cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
+    pipe = weights.load(toy.MODEL)
+    cap = captioner.load_captioner(toy.CAPTIONER)
     prompts = tw.EVAL_PROMPTS["one"]
     other = prompts[6:12] + prompts[12:] + prompts[:6]  # circle -> square -> triangle -> circle
     prefers = []
@@ -27,20 +30,20 @@ def test_shipped_weights_load_and_draw_the_asked_for_shape():
         images = sample.generate(pipe, prompts, steps=20, scale=7.5, size=64, seed=seed,
                                  progress=False)
         # the asked-for shape in the asked-for colour is there (measured: 18 of 18 at either
-        # seed); often with an extra shape too, the base model's learned habit (README: toy world)
+        # seed); often with an extra shape too, the base model's learned habit (docs/toy-world.md)
         drawn = [tw.score(img, p)["objects_ok"] for img, p in zip(tw.to_uint8(images), prompts)]
         assert np.mean(drawn) >= 0.8, drawn
         right = captioner.caption_logprob(cap, images, prompts)
         prefers.append(right > captioner.caption_logprob(cap, images, other))
     # the captioner prefers the asked-for prompt to the same colour with another shape on most of
     # the base model's own samples (measured 10 + 13 of 36; the previous captioner 69% of the same
-    # base's samples: the price of binding, README: toy world)
+    # base's samples: the price of binding, docs/toy-world.md)
     assert torch.cat(prefers).float().mean() >= 0.55
 
 
 def test_eval_command_writes_scores_and_a_grid(tmp_path, capsys):
     out = tmp_path / "base.json"
-    tw.main(["eval", "--seeds", "1", "--steps", "10", "--out", str(out)])
+    toy_eval.main(["--seeds", "1", "--steps", "10", "--out", str(out)])
     scores = json.loads(out.read_text())
     assert set(tw.EVAL_PROMPTS) <= set(scores) and 0 <= scores["fidelity"] <= 1
     assert scores["seeds"] == 1 and (tmp_path / "base.png").exists()
@@ -59,25 +62,25 @@ def test_ci_sized_comat_run_on_the_toy_model(tmp_path):
     rows = [json.loads(r) for r in (out / "log.jsonl").read_text().splitlines()]
     assert any(r["tok"] > 0 and r["pix"] > 0 for r in rows)  # the toy segmenter found shapes
     # the fine-tune changes what the model draws for the same noise
-    base = weights.load("toy").unet
-    tuned = weights.load("toy").unet
-    weights.merge_lora(tuned, lora)
+    base = weights.load(toy.MODEL).unet
+    tuned = weights.load(toy.MODEL).unet
+    merge_lora(tuned, lora)
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
     ctx = torch.randn(1, 16, 64)
     assert not torch.equal(base(x, t, ctx), tuned(x, t, ctx))
 
 
 def test_shipped_captioner_reward_is_semantic():
-    """Properties (c) and (d) of bench/toy_reward.py (README: toy world) on a few images: what
+    """Properties (c) and (d) of toy/bench/reward.py (docs/toy-world.md) on a few images: what
     is drawn wrongly loses to the clean render of the same scene, binding is read, and an extra
     copy of a shape costs likelihood. (a) and (b) need many ascent steps: the benchmark has them."""
-    cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
+    cap = captioner.load_captioner(toy.CAPTIONER)
     lp = lambda x, texts: captioner.caption_logprob(cap, x, texts).detach()  # noqa: E731
     rng = np.random.default_rng(99)
     mixed = [tw.sample_scene(rng, ("one", "two", "spatial")[i % 3]) for i in range(12)]
     texts = [tw.prompt(s) for s in mixed]
     clean = lp(tw.to_float(np.stack([tw.render(s) for s in mixed])), texts)
-    for kind in ("blend", "merge", "duplicate", "noise"):  # melt: see the README
+    for kind in ("blend", "merge", "duplicate", "noise"):  # melt: see docs/toy-world.md
         odd = lp(tw.to_float(np.stack([tw.render_odd(s, kind, rng) for s in mixed])), texts)
         assert (clean - odd).mean() > 0.3, kind  # measured 0.66-1.05 nats/token
     two = [s for s in (tw.sample_scene(rng, "two") for _ in range(40))

@@ -1,4 +1,4 @@
-"""toybuild.py: a build at a few steps writes a folder the loaders read, bit-identical per seed."""
+"""build.py: a build at a few steps writes a folder the loaders read, bit-identical per seed."""
 import json
 import os
 
@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 
 import captioner
 import sample
-import toybuild as tb
-import toyworld as tw
+import toy
 import weights
+from toy import build as tb
+from toy import world as tw
 from unet import UNet
 from vae import VAE
 
@@ -25,6 +26,8 @@ def built(tmp_path_factory):
 
 def test_build_loads_and_samples(built):
     assert sorted(os.listdir(os.path.dirname(built))) == ["toy"]  # no temp folder left behind
+    preset = [open(os.path.join(d, "comat.json")).read() for d in (built, toy.MODEL)]
+    assert preset[0] == preset[1]  # the shipped preset is the one the build writes
     pipe = weights.load_pipeline(built)
     assert pipe.unet.cfg == tb.UNET_CFG and not pipe.sdxl
     assert pipe.vae.cfg.channels == tb.VAE_CFG.channels and pipe.vae.cfg.scale > 0
@@ -123,7 +126,7 @@ def test_miscounts_name_one_object_too_few_or_too_many():
 
 
 def test_ascent_stays_in_budget_and_raises_the_target():
-    cap = captioner.load_captioner(os.path.join(weights.TOY, "captioner"))
+    cap = captioner.load_captioner(toy.CAPTIONER)
     rng = np.random.default_rng(0)
     one = [tw.sample_scene(rng, "one") for i in range(3)]
     x = tw.to_float(np.stack([tw.render(s) for s in one]))
@@ -205,11 +208,11 @@ def test_vqa_questions_are_answered_by_the_evaluator():
 def test_evaluate_scores_toy_samples_with_the_built_vqa(built, tmp_path, capsys):
     import evaluate as ev
     ev.main([str(tmp_path / "ev"), "--model", built, "--size", "64", "--steps", "2", "--n", "1",
-             "--data", "toy", "--categories", "color", "--blip", os.path.join(built, "vqa"),
+             "--data", toy.DATA, "--categories", "color", "--blip", os.path.join(built, "vqa"),
              "--blip-size", "64", "--batch", "24"])
     res = json.load(open(tmp_path / "ev" / "color" / "annotation_blip" / "vqa_result.json"))
     assert len(res) == len(tw.EVAL_PROMPTS["two"]) and all(0 < float(r["answer"]) < 1 for r in res)
     assert "| color |" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="color prompts only"):
-        ev.main([str(tmp_path / "ev"), "--model", built, "--data", "toy", "--categories", "shape",
-                 "--blip", os.path.join(built, "vqa")])
+    with pytest.raises(SystemExit, match="shape_val.txt"):  # the toy has colour prompts only
+        ev.main([str(tmp_path / "ev"), "--model", built, "--data", toy.DATA,
+                 "--categories", "shape", "--blip", os.path.join(built, "vqa")])

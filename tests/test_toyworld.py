@@ -1,9 +1,13 @@
 """Toy world: renderer, grammar, captions, analytic evaluator and shape segmenter agree."""
+import os
+
 import numpy as np
 import pytest
 import torch
 
-import toyworld as tw
+import segment
+import toy
+from toy import world as tw
 
 KINDS = ("one", "two", "spatial")
 
@@ -155,7 +159,7 @@ def test_segmenter_masks_are_the_rendered_shapes():
     nouns = [[o.shape for o in s.objects] for s in batch]
     nouns[0] = nouns[0] + [sh for sh in tw.SHAPES if sh != nouns[0][0]]  # two absent nouns
     nouns[1] = []
-    masks, found = tw.segment_shapes(images, nouns)
+    masks, found = segment.shapes(images, nouns)
     assert masks.shape == (30, 3, 64, 64) and masks.dtype == torch.bool
     assert found.shape == (30, 3) and found.dtype == torch.bool
     for b, (scene, names) in enumerate(zip(batch, nouns)):
@@ -179,10 +183,28 @@ def test_evaluate_perfect_and_blank_generators():
     def blank(prompts, seed):
         return torch.ones(len(prompts), 3, 64, 64)
 
-    assert tw.evaluate(perfect, [0, 1]) == {"one": 1.0, "two": 1.0, "spatial": 1.0,
-                                            "overall": 1.0, "fidelity": 1.0, "missing": 0.0}
-    assert tw.evaluate(blank, [0]) == {"one": 0.0, "two": 0.0, "spatial": 0.0,
-                                       "overall": 0.0, "fidelity": 0.0, "missing": 1.0}
+    def plus_one(prompts, seed):  # the right scene, and a shape nobody asked for in a free spot
+        rng, out = np.random.default_rng(seed), []
+        for p in prompts:
+            scene = tw.place(tw.parse_prompt(p), rng)
+            boxes = [(o.cx - o.size / 2, o.cy - o.size / 2, o.size) for o in scene.objects]
+            free = next((x, y) for y in range(0, 49, 4) for x in range(0, 49, 4)
+                        if all(x + 16 + 2 <= bx or bx + s + 2 <= x or y + 16 + 2 <= by
+                               or by + s + 2 <= y for bx, by, s in boxes))
+            extra = tw.Obj("cyan" if scene.objects[0].colour != "cyan" else "red", "square",
+                           free[0] + 8, free[1] + 8, 16.0)
+            out.append(tw.render(scene._replace(objects=scene.objects + (extra,))))
+        return tw.to_float(np.stack(out))
+
+    cats = ("one", "two", "spatial")
+    assert tw.evaluate(perfect, [0, 1]) == {
+        "one": 1.0, "two": 1.0, "spatial": 1.0, "overall": 1.0, "fidelity": 1.0, "missing": 0.0,
+        **{f"{c}_pairs": 1.0 for c in cats}, **{f"{c}_extra": 0.0 for c in cats}}
+    assert tw.evaluate(blank, [0]) == {
+        "one": 0.0, "two": 0.0, "spatial": 0.0, "overall": 0.0, "fidelity": 0.0, "missing": 1.0,
+        **{f"{c}_pairs": 0.0 for c in cats}, **{f"{c}_extra": 0.0 for c in cats}}
+    r = tw.evaluate(plus_one, [0])  # binding intact, every image wrong by its extra shape
+    assert all(r[c] == 0.0 and r[f"{c}_pairs"] == 1.0 and r[f"{c}_extra"] == 1.0 for c in cats)
     # uint8 <-> float conversion is exact
     img = tw.render(scenes(6, 1)[0])
     assert (tw.to_uint8(tw.to_float(img[None]))[0] == img).all()
@@ -201,3 +223,8 @@ def test_soft_noisy_renders_still_score():
     assert all(r["correct"] for r in results)
     assert np.mean([r["clean"] for r in results]) > 0.85
 
+
+def test_toy_data_holds_the_held_out_two_object_prompts():
+    """toy/data/color_val.txt (evaluate.py --data toy/data) is EVAL_PROMPTS["two"], in order."""
+    with open(os.path.join(toy.DATA, "color_val.txt"), encoding="utf-8") as f:
+        assert f.read().splitlines() == tw.EVAL_PROMPTS["two"]

@@ -3,15 +3,16 @@ sample.py loads, exact resume, two processes = one with the combined batch, and 
 import os
 import subprocess
 import sys
+from dataclasses import fields
 
 import pytest
 import torch
+from oracle import tiny_blip, tiny_grounded_sam
 from safetensors.torch import load_file
 
 import sample
-import weights
 import train
-from oracle import tiny_blip, tiny_grounded_sam
+from unet import merge_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a red cat and a blue dog", "a green circle on the left of a red square", "a blue dog",
@@ -137,7 +138,7 @@ def test_full_finetune_export_and_jsonl_objects(world, tmp_path):
     plain = load_file(tmp_path / "lora" / "unet.safetensors")
     assert not any("lora" in k for k in plain)  # folded: diffusers' plain UNet keys
     pipe = sample.load("tiny")
-    weights.merge_lora(pipe.unet, load_file(tmp_path / "lora" / "lora.safetensors"))
+    merge_lora(pipe.unet, load_file(tmp_path / "lora" / "lora.safetensors"))
     for k, v in pipe.unet.state_dict().items():
         torch.testing.assert_close(plain[k], v)
 
@@ -145,8 +146,28 @@ def test_full_finetune_export_and_jsonl_objects(world, tmp_path):
 def test_sdxl_like_model_trains(world, tmp_path):
     lora = run(world, tmp_path / "xl", "--model", "tiny-sdxl", "--steps", "1")
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
-    cfg, given = train.parse(["--model", "tiny-sdxl", "--lr", "1e-4"])
-    assert cfg.lr == 1e-4 and "lr" in given and "lr_d" not in given  # SDXL defaults fill the rest
+    cfg = train.parse(["--model", "tiny-sdxl", "--lr", "1e-4"])
+    assert cfg.lr == 1e-4 and cfg.lr_d == 5e-5 and cfg.batch == 6  # SDXL's preset fills the rest
+
+
+def test_help_shows_each_field_and_the_value_the_run_uses(capsys):
+    """--help: every TrainConfig field with its comment and the value for the chosen --model:
+    the toy model's own preset (toy/model/comat.json), SDXL's, or TrainConfig's defaults."""
+    def help_of(*argv):
+        with pytest.raises(SystemExit):
+            train.parse([*argv, "--help"])
+        return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    toy = help_of()
+    assert "optimizer steps (official 2000) (default: 300)" in toy
+    assert "constant (official SD1.5 5e-5, SDXL 2e-5) (default: 0.0003)" in toy
+    assert "adversarial term (official SDXL 0.5) (default: 0.03)" in toy
+    assert "(default: 'shapes')" in toy
+    for f in fields(train.TrainConfig):  # every field documented
+        assert f"--{f.name}" in toy
+    assert "(default: 2e-05)" in help_of("--model", "tiny-sdxl")
+    assert "optimizer steps (official 2000) (default: 2000)" in help_of("--model", "tiny")
+    cfg = train.parse([])  # what the default run uses is what --help said
+    assert (cfg.steps, cfg.lr, cfg.w_adv, cfg.segmenter) == (300, 3e-4, 0.03, "shapes")
 
 
 class Payload:  # what a hostile checkpoint could carry: unpickling it would call `touch`

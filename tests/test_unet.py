@@ -1,8 +1,8 @@
 """unet.py: diffusers parity, key layout, attention-map capture, checkpointing, timestep forms."""
 import pytest
 import torch
-
 from oracle import diffusers_unet
+
 from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet, UNetConfig, cross_attentions
 
 TINY = {"sd15": TINY_SD15, "sdxl": TINY_SDXL}

@@ -1,8 +1,8 @@
 """vae.py against diffusers' AutoencoderKL: float64 parity, key/shape equality, legacy key names."""
 import pytest
 import torch
-
 from oracle import diffusers_vae
+
 from vae import SD15_VAE, SDXL_VAE, TINY_VAE, VAE, rename_legacy_vae_keys
 
 

@@ -5,13 +5,15 @@ from dataclasses import replace
 
 import pytest
 import torch
-from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint)
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+)
+from oracle import char_tokenizer, diffusers_unet, diffusers_vae
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 import weights
-from oracle import char_tokenizer, diffusers_unet, diffusers_vae
 from unet import SD15, SDXL, TINY_SD15, TINY_SDXL, UNet
 from vae import SD15_VAE, SDXL_VAE, TINY_VAE, VAE
 

@@ -1,24 +1,22 @@
 """Would a stronger toy base model draw both objects of a held-out pair more often? Continues the
 shipped UNet and text encoder (toy/) for N more steps of the base stage's own training
-(toybuild.train_more, the build's "more" stage: same incomplete captions, batch, loss and lr
+(build.train_more, the build's "more" stage: same incomplete captions, batch, loss and lr
 schedule, a fresh AdamW, a new pool of scenes encoded by the shipped VAE at its own scale), writes
 the result as a model folder (toy/ with unet/ and text_encoder/ replaced), and prints
 toy_failures' breakdown of the shipped and the continued model on the evaluation prompts.
-Usage: python bench/toy_base_longer.py [--steps 3000] [--out runs/toy-longer] [--seeds 2]
+Usage: python -m toy.bench.base_longer [--steps 3000] [--out runs/toy-longer] [--seeds 2]
 """
 import argparse
 import copy
 import os
 import shutil
-import sys
 
+import toy
+import weights
+from toy import build as tb
+from toy.bench import failures as toy_failures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import toy_failures  # noqa: E402
-import toybuild as tb  # noqa: E402
-import weights  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main():
@@ -29,10 +27,10 @@ def main():
     ap.add_argument("--seeds", type=int, default=2, help="sampling seeds of the breakdown")
     ap.add_argument("--seed", type=int, default=1, help="training seed (the build's more stage: 1)")
     a = ap.parse_args()
-    unet, enc = tb.train_more(weights.TOY, a.steps, a.seed)
+    unet, enc = tb.train_more(toy.MODEL, a.steps, a.seed)
     tmp = a.out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(weights.TOY, tmp)
+    shutil.copytree(toy.MODEL, tmp)
     for part in ("unet", "text_encoder"):
         shutil.rmtree(os.path.join(tmp, part))
     tb.save_part(os.path.join(tmp, "unet"), tb.unet_json(tb.UNET_CFG, 16), unet)
@@ -40,7 +38,7 @@ def main():
     shutil.rmtree(a.out, ignore_errors=True)
     os.replace(tmp, a.out)
     lines = []
-    for name, folder in (("shipped base", weights.TOY), (f"+ {a.steps} steps", a.out)):
+    for name, folder in (("shipped base", toy.MODEL), (f"+ {a.steps} steps", a.out)):
         table = toy_failures.breakdown(weights.load(folder), range(a.seeds))
         lines += [f"| {name} | {cat} | " + " | ".join(f"{100 * row[c]:.1f}"
                                                      for c in toy_failures.COLUMNS) + " |"

@@ -1,6 +1,6 @@
 """Why are the toy world's images wrong? The analytic evaluator's reading of each image broken down,
 for the base model and fine-tuned LoRAs, on the evaluation prompts (the same prompts, seeds and
-sampler as `toyworld.py eval`). Per category, as shares of its images, in %:
+sampler as `python -m toy.eval`). Per category, as shares of its images, in %:
   correct      what the accuracy counts (every prompt object, no extra shape, the relation);
   objects ok   every prompt object found with its colour and shape (extra shapes allowed);
   extra        more shapes than the prompt names (any of them may be right);
@@ -8,18 +8,18 @@ sampler as `toyworld.py eval`). Per category, as shares of its images, in %:
   colours      every prompt colour is on some shape (whatever its shape);
   pairs 0/1/2  how many of the prompt's (colour, shape) pairs are found;
   clean        one or two shapes, all clean palette shapes (what fidelity counts).
-Usage: python bench/toy_failures.py [--lora A.safetensors,B.safetensors] [--seeds 4] [--out F.md]
+Usage: python -m toy.bench.failures [--lora A.safetensors,B.safetensors] [--seeds 4] [--out F.md]
 """
 import argparse
 import os
-import sys
 
 import numpy as np
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import sample  # noqa: E402
-import toyworld as tw  # noqa: E402
+import sample
+import toy
+from toy import world as tw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COLUMNS = ("correct", "objects ok", "extra", "n = 1", "n = 2", "n = 3+", "colours",
            "pairs 0", "pairs 1", "pairs 2", "clean")
@@ -59,7 +59,7 @@ def main():
     lines = ["| model | category | " + " | ".join(COLUMNS) + " |",
              "|---|---|" + "---|" * len(COLUMNS)]
     for name, lora in models:
-        table = breakdown(sample.load_or_exit("toy", lora=lora), range(a.seeds))
+        table = breakdown(sample.load_or_exit(toy.MODEL, lora=lora), range(a.seeds))
         for cat, row in table.items():
             lines.append(f"| {name} | {cat} | " + " | ".join(f"{100 * row[c]:.1f}" for c in COLUMNS)
                          + " |")

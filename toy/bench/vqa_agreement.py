@@ -1,31 +1,31 @@
-"""Does T2I-CompBench's colour score (evaluate.py on the toy BLIP-VQA, toy/vqa) agree with the toy
-world's analytic evaluator? Two measurements, both printed as Markdown tables (README: Scoring
-with T2I-CompBench):
-1. the VQA's yes/no accuracy against toyworld.detect on held-out pictures (scenes of the
+"""Does T2I-CompBench's colour score (evaluate.py on the toy BLIP-VQA, toy/model/vqa) agree with
+the toy world's analytic evaluator? Two measurements, both printed as Markdown tables
+(docs/compbench.md):
+1. the VQA's yes/no accuracy against world.detect on held-out pictures (scenes of the
    evaluation prompts, which no training scene shows; clean, drawn wrongly and corrupted as in
    training), for "yes", swapped-binding "no" and other "no" questions;
 2. per image, on the base toy model's and a fine-tuned LoRA's images of the toy colour prompts
    (`evaluate.py --data toy`, 24 prompts x 10 seeds): the mean BLIP-VQA score, the analytic
    evaluator's objects_ok (both prompt objects found, colour and shape: what the two questions
    ask) and correct (also no extra shape), and Spearman's rank correlation between them.
-Usage: python bench/toy_vqa_agreement.py --lora runs/val/lr3e-4/lora.safetensors [--out DIR]
+Usage: python -m toy.bench.vqa_agreement --lora runs/val/lr3e-4/lora.safetensors [--out DIR]
 """
 import argparse
 import json
 import os
 import re
-import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import compbench as cb  # noqa: E402
-import evaluate as ev  # noqa: E402
-import toybuild as tb  # noqa: E402
-import toyworld as tw  # noqa: E402
+import compbench as cb
+import evaluate as ev
+import toy
+from toy import build as tb
+from toy import world as tw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def ranks(a) -> np.ndarray:
@@ -43,9 +43,9 @@ def spearman(a, b) -> float:
 
 
 def heldout_accuracy(vqa, n: int, seed: int) -> dict[str, float]:
-    """Accuracy of vqa's answer (P(yes) > 0.5) against toyworld.detect on n held-out pictures,
+    """Accuracy of vqa's answer (P(yes) > 0.5) against world.detect on n held-out pictures,
     per question kind: every found object ("yes"), its swapped binding ("no, swapped"), and
-    one absent object drawn as in training (toybuild.absent, "no, other")."""
+    one absent object drawn as in training (build.absent, "no, other")."""
     rng, g = np.random.default_rng([seed, 9]), torch.Generator().manual_seed(seed)
     specs = [tw.parse_prompt(p) for p in rng.choice(sorted(tb.HELD_OUT), n)]
     scenes = [tw.place(s, rng) for s in specs]
@@ -86,7 +86,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Toy BLIP-VQA vs the toy world's analytic evaluator.")
     ap.add_argument("--lora", required=True, help="a fine-tuned toy LoRA (.safetensors)")
     ap.add_argument("--out", default="runs/toy-vqa", help="evaluate.py output root per model")
-    ap.add_argument("--blip", default=os.path.join(ROOT, "toy", "vqa"), help="the toy BLIP-VQA")
+    ap.add_argument("--blip", default=toy.VQA, help="the toy BLIP-VQA")
     ap.add_argument("--heldout", type=int, default=2000, help="held-out pictures (accuracy)")
     ap.add_argument("--n", type=int, default=10, help="images per prompt (seeds 42..)")
     a = ap.parse_args(argv)
@@ -101,8 +101,8 @@ def main(argv=None):
     lora_dir = "lora-" + re.sub(r"[^A-Za-z0-9.-]+", "-", os.path.abspath(a.lora)).strip("-")
     for name, lora in (("toy", None), (lora_dir, a.lora)):
         folder = os.path.join(a.out, name)
-        flags = ["--model", "toy", "--data", "toy", "--categories", "color", "--blip", a.blip,
-                 "--blip-size", str(tw.SIZE), "--n", str(a.n), "--batch", "24"]
+        flags = ["--model", toy.MODEL, "--data", toy.DATA, "--categories", "color",
+                 "--blip", a.blip, "--blip-size", str(tw.SIZE), "--n", str(a.n), "--batch", "24"]
         flags += ["--lora", lora] if lora else []
         print(f"python evaluate.py {folder} {' '.join(flags)}")
         ev.main([folder, *flags])

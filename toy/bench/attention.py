@@ -8,22 +8,23 @@ its 64-px images, so the masks are coarse; this prints, per map side:
 Maps are taken at the training run's gradient steps (20 DDIM steps, K = 5, CFG 7.5) on the first
 --n prompts of prompts.txt, objects the toy segmenter finds only. It also prints the mask area the
 same shapes have, clean, on the toy's maps and on SD1.5's (512-px image; mid 8, up 16, 32, 64).
-Usage: python bench/toy_attention.py [--lora A.safetensors,B.safetensors] [--n 32]
+Usage: python -m toy.bench.attention [--lora A.safetensors,B.safetensors] [--n 32]
 """
 import argparse
 import os
 import random
-import sys
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import comat  # noqa: E402
-import sample  # noqa: E402
-import toyworld as tw  # noqa: E402
-from segment import objects  # noqa: E402
+import comat
+import sample
+import segment
+import toy
+from segment import objects
+from toy import world as tw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def clean_areas(n=400) -> dict[str, float]:
@@ -71,7 +72,7 @@ def measure(pipe, prompts, batch=8) -> dict[int, dict[str, float]]:
         img = sample.decode(pipe, sample.denoise(eps, x, ts, abar, "ddim")).clamp(0, 1)
         for m in mods:
             m.store = False
-        masks, found = tw.segment_shapes(img, [[o.noun for o in ob] for ob in objs])
+        masks, found = segment.shapes(img, [[o.noun for o in ob] for ob in objs])
         tokens = comat.object_tokens(objs, T=tok.model_max_length)  # (B, K, T)
         keep = found & (tokens.sum(-1) > 0)  # (B, K)
         for A in maps:  # (B, heads, HW, T)
@@ -96,7 +97,7 @@ def main():
     print("clean shapes, mask area %: " + ", ".join(f"{k} {v:.1f}" for k, v in areas.items()))
     print("| model | map | mask area % | attention inside % | token loss |\n|---|---|---|---|---|")
     for lora in [""] + [f for f in a.lora.split(",") if f]:
-        pipe = sample.load_or_exit("toy", lora=lora or None)
+        pipe = sample.load_or_exit(toy.MODEL, lora=lora or None)
         name = os.path.dirname(os.path.relpath(lora, os.path.join(ROOT, "runs"))) if lora else ""
         for h, r in measure(pipe, prompts).items():
             print(f"| {name or 'base'} | {h}x{h} | "

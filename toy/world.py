@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from segment import INK, MIN_AREA, components, fit, label, shape_mask  # noqa: F401 (the world's geometry)
+
 SIZE = 64
 COLOURS = {"red": (220, 30, 30), "green": (30, 160, 40), "blue": (30, 70, 220),
            "yellow": (235, 200, 20), "purple": (140, 40, 180), "cyan": (20, 190, 200)}
@@ -24,10 +26,6 @@ RELATIONS = ("to the left of", "to the right of", "above", "below")
 PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)  # (6, 3), in COLOURS order
 MIN_SIDE, MAX_SIDE = 16, 28  # shape size in pixels (width = height)
 GAP = 2          # bounding boxes of two shapes stay this far apart: separate 4-connected components
-# a pixel is foreground when some channel is this far below white: about half way to every
-# palette colour, so a soft edge (a generated image) is cut where a sharp render would be
-INK = 110
-MIN_AREA = 40    # smaller components are specks, ignored (a 16 px triangle has ~120 px)
 CLEAN_DIST, CLEAN_PURE, CLEAN_IOU = 40.0, 0.95, 0.85  # see detect()
 
 
@@ -42,19 +40,6 @@ class Obj(NamedTuple):
 class Scene(NamedTuple):
     objects: tuple  # one or two Obj
     relation: Optional[str] = None  # RELATIONS entry: objects[0] <relation> objects[1]
-
-
-def shape_mask(shape, cx, cy, size, h=SIZE, w=SIZE) -> np.ndarray:
-    """(h, w) bool: pixels whose CENTRE lies in the shape, so there is no anti-aliasing."""
-    py, px = np.mgrid[0:h, 0:w] + 0.5
-    dx, dy, r = px - cx, py - cy, size / 2
-    if shape == "circle":
-        return dx * dx + dy * dy <= r * r
-    if shape == "square":
-        return (np.abs(dx) <= r) & (np.abs(dy) <= r)
-    # upright isosceles triangle: apex at the top centre, base = height = size at the bottom
-    t = (dy + r) / size  # 0 at the apex, 1 at the base
-    return (t >= 0) & (t <= 1) & (np.abs(dx) <= t * r)
 
 
 def render(scene: Scene) -> np.ndarray:
@@ -138,48 +123,6 @@ def parse_prompt(text: str) -> Scene:
     return Scene((Obj(c1, s1), Obj(c2, s2)), None if rel == "and" else rel)
 
 
-def label(fg: np.ndarray) -> np.ndarray:
-    """4-connected component labels of a bool (H, W) mask: 0 background, 1..n components.
-    Min-label propagation with pointer jumping (a label is a pixel index + 1, so a pixel can
-    adopt its label's label), in numpy: about a millisecond per 64x64 image."""
-    h, w = fg.shape
-    big = h * w + 1
-    lab = np.where(fg, np.arange(1, h * w + 1).reshape(h, w), big)
-    while True:
-        new = lab.copy()
-        np.minimum(new[1:], lab[:-1], out=new[1:])  # from the pixel above, below, left, right
-        np.minimum(new[:-1], lab[1:], out=new[:-1])
-        np.minimum(new[:, 1:], lab[:, :-1], out=new[:, 1:])
-        np.minimum(new[:, :-1], lab[:, 1:], out=new[:, :-1])
-        new[~fg] = big  # background neither takes nor passes labels
-        new[fg] = np.minimum(new[fg], new.ravel()[new[fg] - 1])  # pointer jump
-        if np.array_equal(new, lab):
-            break
-        lab = new
-    return np.where(fg, np.unique(lab, return_inverse=True)[1].reshape(h, w) + 1, 0)
-
-
-def fit(comp: np.ndarray) -> tuple[str, float, tuple[float, float, float]]:
-    """Shape of a component mask by geometry: the template (re-rendered from the bounding box)
-    with the best IoU, that IoU and the template's (cx, cy, size). The square template fills
-    the box, so its IoU is the fill ratio (square 1, circle ~pi/4, triangle ~1/2); a wrong
-    aspect ratio lowers every IoU.
-    Clean renders are reproduced exactly (IoU 1) because their corners are integers."""
-    rows, cols = np.nonzero(comp.any(1))[0], np.nonzero(comp.any(0))[0]
-    r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
-    w, h = c1 - c0 + 1, r1 - r0 + 1
-    cx, cy, s = c0 + w / 2, r0 + h / 2, (w + h) / 2
-    # a triangle's base row is its widest: size = width, base on the last row (the apex row
-    # of an even-sized triangle holds no pixel centre, so the height can be one short)
-    fits = {"circle": (cx, cy, s), "square": (cx, cy, s), "triangle": (cx, r1 + 1 - w / 2, w)}
-    ious = {}
-    for shape, (x, y, size) in fits.items():
-        t = shape_mask(shape, x, y, size, *comp.shape)
-        ious[shape] = (t & comp).sum() / (t | comp).sum()
-    best = max(ious, key=ious.get)
-    return best, float(ious[best]), fits[best]
-
-
 class Found(NamedTuple):
     colour: str
     shape: str
@@ -190,13 +133,6 @@ class Found(NamedTuple):
     clean: bool    # a palette shape as rendered: pure and fits (see detect)
     pure: bool = True   # one palette colour (else a blend: "mixed" in describe)
     fits: bool = True   # a template shape of a world size (else "blob" in describe)
-
-
-def components(img: np.ndarray) -> list[np.ndarray]:
-    """Bool masks of the foreground components of a (H, W, 3) uint8 image, specks dropped."""
-    lab = label((255 - img.astype(np.int16)).max(-1) > INK)
-    areas = np.bincount(lab.ravel())
-    return [lab == k for k in range(1, len(areas)) if areas[k] >= MIN_AREA]
 
 
 def detect(img: np.ndarray) -> list[Found]:
@@ -248,7 +184,8 @@ def score(img: np.ndarray, text: str) -> dict:
 # picture that is not a clean world scene is described as what it is (a blend is "mixed", a
 # melted or merged shape a "blob", a third shape is named, speckles are "noise") and the prompt
 # loses probability on it. Without these words a captioner has no true description to move its
-# probability to, and an optimiser finds arbitrary highs of the prompt (README: reward hacking).
+# probability to, and an optimiser finds arbitrary highs of the prompt (docs/toy-world.md:
+# reward hacking).
 ODD_WORDS = ("mixed", "blob", "with", "noise")
 ODD_KINDS = ("blend", "melt", "merge", "duplicate", "noise")
 SPECKS = 20  # foreground pixels in specks (components under MIN_AREA) that make "with noise"
@@ -352,25 +289,6 @@ def to_float(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255
 
 
-@torch.no_grad()
-def segment_shapes(images: torch.Tensor, nouns: list) -> tuple[torch.Tensor, torch.Tensor]:
-    """The toy world's segmenter (same interface as segment.py's): masks (B, K, H, W) bool and
-    found (B, K) bool for images (B, 3, H, W) in [0, 1] and a list of shape names per image.
-    Colour-agnostic, so it never helps the colour binding it is used to train: a noun's mask
-    is the union of the components whose geometry is that shape; found is False without any."""
-    B, _, H, W = images.shape
-    assert len(nouns) == B, f"{len(nouns)} noun lists for {B} images"
-    K = max([len(n) for n in nouns] + [1])
-    masks = torch.zeros(B, K, H, W, dtype=torch.bool)
-    for b, img in enumerate(to_uint8(images)):
-        comps = [(fit(c)[0], c) for c in components(img)] if nouns[b] else []
-        for k, noun in enumerate(nouns[b]):
-            for shape, c in comps:
-                if shape == noun:
-                    masks[b, k] |= torch.from_numpy(c)
-    return masks.to(images.device), masks.flatten(2).any(2).to(images.device)
-
-
 def _eval_prompts() -> dict[str, list[str]]:
     """Fixed evaluation prompts: one-object: all 18 colour x shape; two-object: 24 pairs and
     spatial: 6 per relation, all with two different colours and two different shapes (so a
@@ -388,11 +306,12 @@ def _eval_prompts() -> dict[str, list[str]]:
 
 
 EVAL_PROMPTS = _eval_prompts()
-PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
+PROMPTS_FILE = os.path.join(ROOT, "prompts.txt")  # the training prompts: kept out of validation
 
 
 def _val_prompts() -> dict[str, list[str]]:
-    """The validation split that training settings are chosen on (README: toy world): 24
+    """The validation split that training settings are chosen on (docs/toy-world.md): 24
     two-object and 24 spatial prompts of the training style (two different colours and shapes),
     neither evaluation prompts nor in prompts.txt, drawn with seed 1. No one-object split: all 18
     one-object prompts are evaluation prompts."""
@@ -416,70 +335,28 @@ VAL_PROMPTS = _val_prompts()
 def evaluate(generate_fn, seeds, prompts: dict = EVAL_PROMPTS) -> dict[str, float]:
     """Accuracy per category (share of correct images over prompts x seeds), overall (the mean
     of the categories, each counting equally), fidelity (share of clean images) and missing
-    (share of two-object and spatial images with fewer than two shapes).
+    (share of two-object and spatial images with fewer than two shapes). Strict accuracy mixes
+    two things, so each category also gets them apart: {cat}_pairs, the share of images in which
+    every asked-for (colour, shape) pair is drawn, extra shapes and the relation ignored (binding),
+    and {cat}_extra, the share with a shape more than the prompt asks for.
     generate_fn(prompts, seed) -> images (B, 3, 64, 64) in [0, 1]; prompts: {category: list}."""
     out, cleans, missing = {}, [], []
     bar = tqdm(total=len(prompts) * len(seeds), desc="eval", leave=False)
     for cat, texts in prompts.items():
-        hits = []
+        hits, pairs, extra = [], [], []
         for seed in seeds:
             bar.update()
             for img, p in zip(to_uint8(generate_fn(texts, seed)), texts):
                 r = score(img, p)
                 hits.append(r["correct"])
+                pairs.append(r["objects_ok"])
+                extra.append(r["extra"])
                 cleans.append(r["clean"])
                 if cat != "one":
                     missing.append(r["n"] < 2)
         out[cat] = float(np.mean(hits))
+        out[f"{cat}_pairs"], out[f"{cat}_extra"] = float(np.mean(pairs)), float(np.mean(extra))
     out["overall"] = float(np.mean([out[c] for c in prompts]))
     out["fidelity"] = float(np.mean(cleans))
     out["missing"] = float(np.mean(missing))
     return out
-
-
-def main(argv=None):
-    """`python toyworld.py eval [--model M] [--lora F | --unet F] [--seeds N] [--split S]
-    [--out F.json]`: score any model sample.py loads on EVAL_PROMPTS (or on VAL_PROMPTS, the
-    split that training settings are chosen on); --out also gets a PNG of seed 0.
-    (The base model is built by `python toybuild.py`, which imports this module, not the
-    reverse.)"""
-    import argparse
-    import json
-
-    ap = argparse.ArgumentParser(description="Toy world: evaluate a model.")
-    ap.add_argument("command", choices=["eval"])
-    ap.add_argument("--out", help="JSON file for the scores")
-    ap.add_argument("--model", default="toy", help="any model sample.py loads")
-    ap.add_argument("--lora", help="LoRA weights to merge")
-    ap.add_argument("--unet", help="fine-tuned UNet weights")
-    ap.add_argument("--seeds", type=int, default=4, help="seeds 0..N-1 per prompt")
-    ap.add_argument("--split", choices=["eval", "val"], default="eval",
-                    help="eval: the fixed evaluation prompts; val: the validation prompts")
-    ap.add_argument("--steps", type=int, default=30, help="DDIM steps")
-    ap.add_argument("--cfg", type=float, default=7.5, help="guidance scale")
-    a = ap.parse_args(argv)
-    import sample  # imports torch models; the world itself does not need them
-    import viz
-    pipe = sample.load_or_exit(a.model, a.unet, a.lora)
-    first = []
-
-    def generate(prompts, seed):
-        images = sample.generate(pipe, prompts, a.steps, a.cfg, SIZE, "ddim", seed, progress=False)
-        if seed == 0:
-            first.append(images)
-        return images
-    prompts = EVAL_PROMPTS if a.split == "eval" else VAL_PROMPTS
-    scores = evaluate(generate, range(a.seeds), prompts)
-    print(json.dumps({k: round(v, 4) for k, v in scores.items()}))
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out + ".tmp", "w") as f:
-            json.dump({"model": a.model, "lora": a.lora, "unet": a.unet, "seeds": a.seeds,
-                       "split": a.split,
-                       "steps": a.steps, "cfg": a.cfg, **scores}, f, indent=1)
-        os.replace(a.out + ".tmp", a.out)
-        viz.save_images(torch.cat(first), os.path.splitext(a.out)[0] + ".png", cols=6)
-
-
-if __name__ == "__main__":
-    main()

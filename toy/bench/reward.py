@@ -1,10 +1,10 @@
-"""Is a toy captioner's reward semantic? The four measurements of the README's "toy world" section,
+"""Is a toy captioner's reward semantic? The four measurements of docs/toy-world.md,
 for one or more captioner folders, on scenes no captioner was trained on (seed 1234):
 (a) pixel-space ascent of a wrong prompt (one colour or shape changed) within a small RMS budget:
     how much its log-likelihood rises (nats per token);
 (b) the same ascent within a large budget: on how many images the analytic evaluator then reads
     the wrong prompt's object (the colour or shape flipped);
-(c) off-grammar pictures (toyworld.render_odd: blends, melted and merged shapes, duplicates,
+(c) off-grammar pictures (world.render_odd: blends, melted and merged shapes, duplicates,
     noise): the prompt's log-likelihood on them vs on the clean renders of the same scenes;
 (d) binding: on clean two-object renders (two colours, two shapes), the true prompt vs the
     same prompt with the two colours swapped; and a render with an extra copy of one of its
@@ -12,24 +12,24 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
 (e) the same reward on the base model's own samples (on_samples).
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
-Usage: python bench/toy_reward.py --captioners OLD_FOLDER,toy/captioner [--n 16] [--out runs/reward]
-       [--only-samples]
+Usage: python -m toy.bench.reward --captioners OLD_FOLDER,toy/model/captioner [--n 16]
+       [--out runs/reward] [--only-samples]
 """
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-import toybuild as tb  # noqa: E402
-import toyworld as tw  # noqa: E402
-import viz  # noqa: E402
-import weights  # noqa: E402
-from captioner import caption_logprob, load_captioner  # noqa: E402
+import toy
+import viz
+import weights
+from captioner import caption_logprob, load_captioner
+from toy import build as tb
+from toy import world as tw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SMALL, LARGE, ASCENT_STEPS = 0.03, 0.25, 40  # RMS budgets (images in [0, 1]) and PGD steps
 
@@ -131,7 +131,7 @@ ROWS = [("(a) small-budget ascent: rise of the wrong prompt (nats/token)", "smal
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--captioners", default=os.path.join(ROOT, "toy", "captioner"),
+    ap.add_argument("--captioners", default=toy.CAPTIONER,
                     help="comma-separated captioner folders")
     ap.add_argument("--n", type=int, default=16, help="scenes per measurement")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "reward"))
@@ -141,7 +141,7 @@ def main():
     os.makedirs(a.out, exist_ok=True)
     folders = a.captioners.split(",")
     results, rows = {}, []
-    pipe = weights.load("toy")
+    pipe = weights.load(toy.MODEL)
     for f in folders:
         cap = load_captioner(f)
         if a.only_samples:  # (e) alone: a minute, no ascents

@@ -1,14 +1,14 @@
 """Toy-world base model, built from scratch on a CPU: VAE, CLIP text encoder + UNet, BLIP captioner.
 
-The trainings behind `python toybuild.py` (kept out of toyworld.py, which holds the
+The trainings behind `python -m toy.build` (kept out of toy/world.py, which holds the
 world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
-Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/, fp16)
-that weights.load_pipeline and captioner.load_captioner read. Deterministic under a seed and a
-thread count: step counts come from the budget through fixed per-step costs, never from the
-clock; the thread count changes the floats' summation order (shipped toy/: base and more built
-at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
+Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/, fp16, and
+comat.json: train.py's preset for it) that weights.load_pipeline and captioner.load_captioner read.
+Deterministic under a seed and a thread count: step counts come from the budget through fixed
+per-step costs, never from the clock; the thread count changes the floats' summation order (shipped
+toy/: base and more built at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
 Shapes: B batch, 64x64 images, 16x16x4 latents, T = 16 text tokens.
-Usage: build("toy", seed=0, budget_minutes=60)
+Usage: build("toy/model", seed=0, budget_minutes=60)
 """
 import copy
 import dataclasses
@@ -22,13 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration,
-                          BlipForQuestionAnswering, CLIPTextConfig, CLIPTextModel)
+from transformers import (
+    BertTokenizer,
+    BlipConfig,
+    BlipForConditionalGeneration,
+    BlipForQuestionAnswering,
+    CLIPTextConfig,
+    CLIPTextModel,
+)
 
 import evaluate
-import toyworld as tw
 from captioner import Captioner, caption_logprob
 from sample import alphas_cumprod, generate
+from toy import world as tw
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
 from weights import clip_tokenizer, load_pipeline, save_weights
@@ -52,9 +58,10 @@ KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep late
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
 # measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
 # 0.3 on one thread of a shared machine): about 115 minutes in all. The UNet's 9750 steps are the
-# first build's 6750 plus the 3000 that bench/toy_base_longer.py showed to matter (README);
-# "more" is a second round of its training (train_more), 6000 steps that bench/toy_base_longer.py
-# showed to nearly triple how often both objects of a held-out pair are drawn (README).
+# first build's 6750 plus the 3000 that toy/bench/base_longer.py showed to matter
+# (docs/toy-world.md);
+# "more" is a second round of its training (train_more), 6000 steps that toy/bench/base_longer.py
+# showed to nearly triple how often both objects of a held-out pair are drawn (docs/toy-world.md).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
 STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420}
 SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3}
@@ -63,6 +70,17 @@ SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa":
 PARTS = {"base": ("unet", "vae", "text_encoder", "tokenizer"), "more": ("unet", "text_encoder"),
          "captioner": ("captioner",), "vqa": ("vqa",)}
 STAGES = tuple(PARTS)
+# train.py's preset for this model, written into the folder as comat.json (flags override it): its
+# captioner, the flat-shape segmenter, a run sized for 2 CPU cores; lr, attention and adversarial
+# weights chosen on the validation prompts (docs/toy-world.md: lr 3e-4 over 1e-4 and 1e-3; w_tok,
+# w_pix 10x the official over 1x, 30x, 100x; w_adv 0.03 over 1, 0.3, 0.1 and 0.01)
+TRAIN_PRESET = {"_comment": "train.py's preset for this model (flags override it), written by "
+                "toy/build.py: its captioner, the flat-shape segmenter, a run sized for 2 CPU "
+                "cores; chosen on the toy's validation prompts (docs/toy-world.md)",
+                "captioner": "captioner", "segmenter": "shapes", "size": 64, "steps": 300,
+                "batch": 8, "lr": 3e-4, "lr_d": 1e-3, "w_tok": 1e-2, "w_pix": 5e-4, "w_adv": 0.03,
+                "rank": 8, "sampler": "ddim", "total_steps": 20, "grad_steps": 5,
+                "checkpointing": False, "every": 100}
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 # captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
@@ -73,7 +91,7 @@ ODD_P, PGD_P, PGD_EPS, PGD_STEPS, MARGIN = 0.5, 0.5, 0.06, 3, 1.0
 GEN_P, GEN_POOL, GEN_STEPS = 0.25, 2048, 20
 # captioner: the colour-swap hinge's margin (nats per token). A swap changes two tokens in ten,
 # so 1 nat per token asks for certainty; at 1 the captioner binds as well but is a weak reward
-# (two-object +4.9 against +18.1 at 0.2; README: toy world)
+# (two-object +4.9 against +18.1 at 0.2; docs/toy-world.md)
 SWAP_MARGIN = 0.2
 
 
@@ -163,7 +181,7 @@ def train_unet(scenes, latents, steps: int, seed: int, start=None
                ) -> tuple[UNet, object, CLIPTextModel]:
     """eps-prediction with SD's noise schedule, text encoder trained jointly, on (latent,
     INCOMPLETE caption) pairs; EMPTY_P empty captions for classifier-free guidance.
-    start: (unet, text encoder) to continue instead of new ones (bench/toy_base_longer.py)."""
+    start: (unet, text encoder) to continue instead of new ones (toy/bench/base_longer.py)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
     tok = word_tokenizer()
@@ -232,7 +250,7 @@ def blip(tok) -> BlipForConditionalGeneration:
 def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Mild augmentation of images (B, 3, H, W) in [0, 1], each with p 0.5 per image: a smooth
     colour field (amplitude up to 0.15), a 3x3 blur, Gaussian noise (sd up to 0.08). Captions
-    are read off the result (toyworld.describe), so a corruption strong enough to change what
+    are read off the result (world.describe), so a corruption strong enough to change what
     the evaluator reads changes the caption too."""
     B = len(x)
 
@@ -323,8 +341,8 @@ def base_samples(folder: str, n: int, seed: int) -> tuple[np.ndarray, list]:
 def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int, pool=None):
     """n training images (n, 3, 64, 64) in [0, 1] and their true captions: GEN_P of them the
     base model's samples (pool = base_samples(...), if given), ODD_P of the rest drawn wrongly
-    (toyworld.render_odd), all mildly corrupted, each captioned with what the evaluator reads in
-    it (toyworld.describe); a picture that reads as its scene gets the scene's prompt, so
+    (world.render_odd), all mildly corrupted, each captioned with what the evaluator reads in
+    it (world.describe); a picture that reads as its scene gets the scene's prompt, so
     spatial scenes keep their relation word."""
     scenes = [train_scene(rng) for _ in range(n)]
     odd = rng.random(n) < ODD_P
@@ -353,7 +371,7 @@ def train_captioner(tok, steps: int, seed: int, pool=None) -> BlipForConditional
       nats per token (hinges), its confusion (colours swapped or one word changed) and its
       miscount (an object dropped or added), and by SWAP_MARGIN, where it names two objects of
       different colours and shapes, its colour swap (without this third hinge binding was read
-      on 73-77% of 64 scenes, with it 95%: README, toy world);
+      on 73-77% of 64 scenes, with it 95%: docs/toy-world.md);
     - the generator's own pictures: `pool` (base_samples) supplies GEN_P of each batch."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
@@ -421,7 +439,7 @@ def vqa_batch(rng: np.random.Generator, g: torch.Generator, n: int):
     """n pictures (n, 3, 64, 64) in [0, 1] as the captioner's (captioner_batch: ODD_P drawn
     wrongly, all mildly corrupted), rounded to uint8 as a saved PNG; questions as evaluate.py
     asks them ("a red circle?"), their pictures' indices, answers 1 (yes) / 0 (no): yes when the
-    analytic evaluator (toyworld.detect) finds that colour and shape. One yes and one no per
+    analytic evaluator (world.detect) finds that colour and shape. One yes and one no per
     picture (a blank picture: one no)."""
     x, _ = captioner_batch(rng, g, n)
     x = tw.to_float(tw.to_uint8(x))
@@ -519,7 +537,7 @@ def plan(budget_minutes: float | None) -> dict[str, int]:
     return {k: max(1, int(STEPS[k] * scale)) for k in STEPS}
 
 
-def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
+def build(out: str = "toy/model", seed: int = 0, budget_minutes: float | None = None,
           steps: dict | None = None, pool: int = LATENT_POOL, only: tuple = STAGES) -> str:
     """Train the models of the stages in `only` and write the folder `out` atomically (built in
     a temp folder, then renamed over any previous one); a stage left out is copied from the
@@ -572,6 +590,9 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
         model = train_vqa(vtok, cap.float(), cap_tok, steps["vqa"], seed)
         model.half().save_pretrained(vqa_dir)
         vtok.save_pretrained(vqa_dir)
+    with open(os.path.join(tmp, "comat.json"), "w") as f:
+        json.dump(TRAIN_PRESET, f, indent=1)
+        f.write("\n")
     old = f"{out}.old{os.getpid()}"
     if os.path.exists(out):
         os.replace(out, old)
@@ -581,12 +602,12 @@ def build(out: str = "toy", seed: int = 0, budget_minutes: float | None = None,
 
 
 def main(argv=None):
-    """`python toybuild.py [--minutes M] [--out DIR] [--seed S] [--only base,captioner]`."""
+    """`python -m toy.build [--minutes M] [--out DIR] [--seed S] [--only base,captioner]`."""
     import argparse
     ap = argparse.ArgumentParser(description="Build the toy world's base model and captioner.")
     ap.add_argument("--minutes", type=float, default=None,
                     help="budget on 2 CPU cores (default: the shipped build's steps, ~115 min)")
-    ap.add_argument("--out", default="toy", help="folder (default toy)")
+    ap.add_argument("--out", default="toy/model", help="folder (default toy/model)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--only", default=",".join(STAGES),
                     help="stages to (re)build; the others are kept from --out")
