@@ -260,7 +260,8 @@ def main(argv=None):
     ap.add_argument("--categories", default=",".join(CATEGORIES))
     ap.add_argument("--data", help="the benchmark's examples/dataset folder (the toy's: toy/data)")
     ap.add_argument("--model", help="generate first: diffusers folder | single file | tiny")
-    ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
+    ap.add_argument("--text-from", help="diffusers folder with the text encoders, for a single file "
+                    "without them (default: the file's own)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors) to merge")
     ap.add_argument("--n", type=int, default=10, help="images per prompt (seeds 42..)")

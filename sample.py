@@ -198,7 +198,8 @@ def main(argv=None):
     ap.add_argument("--model", default="toy/model",
                     help="diffusers folder | single file | tiny | tiny-sdxl (random weights); "
                          "default: the toy-world model shipped in this repository")
-    ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
+    ap.add_argument("--text-from", help="diffusers folder with the text encoders, for a single file "
+                    "without them (default: the file's own)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) to merge")
     ap.add_argument("--steps", type=int, default=30)
