@@ -437,8 +437,12 @@ def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str 
                                 for n in ("text_encoder", "tokenizer"))
             if sub and not os.path.isdir(enc_dir):
                 break  # SD1.5 has one text encoder
-            enc = cls.from_pretrained(enc_dir, local_files_only=True)
-            tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            try:  # e.g. a half-downloaded model.safetensors: one line naming the folder
+                enc = cls.from_pretrained(enc_dir, local_files_only=True)
+                tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            except (OSError, ValueError, SafetensorError) as e:
+                raise ValueError(f"{enc_dir}: not a readable text encoder with its tokenizer "
+                                 f"({str(e).splitlines()[0][:200]})") from None
         encoders.append(enc.to(device, dtype).requires_grad_(False).eval())
         tokenizers.append(tok)
     sdxl = ucfg.adm_dim > 0
@@ -489,11 +493,56 @@ def tiny_pipeline(sdxl=False, seed=0):
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def find(path: str) -> str:
-    """A model path as given or, when it is relative and not there, relative to this repository,
-    so the shipped toy folders (toy/model, toy/captioner) work from any directory."""
+# what the project reads from a hub repository (nothing else is downloaded): a diffusers pipeline's
+# configs, full-precision safetensors (or their shards), tokenizers and a comat.json preset; a
+# transformers model's configs, vocabularies and safetensors
+PIPELINE_FILES = ["model_index.json", "comat.json", "*/config.json", "tokenizer*/*",
+                  "unet/diffusion_pytorch_model.safetensors*", "unet/diffusion_pytorch_model-*",
+                  "vae/diffusion_pytorch_model.safetensors*", "text_encoder*/model.safetensors*",
+                  "text_encoder*/model-*.safetensors"]  # X.safetensors* = X and its shard index
+MODEL_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model.safetensors.index.json",
+               "model-*.safetensors"]
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def find(path: str, files=PIPELINE_FILES) -> str:
+    """A model path as given; relative and not there, relative to this repository (the shipped
+    toy folders work from any directory); an org/name that is neither, a hub repository: its
+    `files` downloaded or, offline (HF_HUB_OFFLINE=1), read from the local hub cache."""
     inside = os.path.join(ROOT, path)
-    return inside if not os.path.exists(path) and os.path.exists(inside) else path
+    if os.path.exists(path) or not path:
+        return path
+    if os.path.exists(inside):
+        return inside
+    if not HUB_ID.fullmatch(path):
+        return path  # the caller says "no such file or folder"
+    from huggingface_hub import constants, snapshot_download  # only for hub ids
+    try:
+        return snapshot_download(path, allow_patterns=files)
+    except (OSError, ValueError) as e:  # no network, no such repository, incomplete cache, ...
+        where = "in the local hub cache (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+            f"on the hub ({str(e).splitlines()[0][:150]})"
+        raise FileNotFoundError(f"{path}: no such local path, and not found as a hub id {where}"
+                                ) from None
+
+
+def model_folder(path: str, want: tuple, what: str) -> str:
+    """A transformers model folder (or hub id) for `what`, whose config.json names one of the
+    architectures `want`: another model's folder is refused in one line, before loading it."""
+    path = find(path, MODEL_FILES)
+    config = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder ({what} is a model folder)")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{config}: missing (not a transformers model folder, for {what})")
+    try:
+        with open(config, encoding="utf-8") as f:
+            arch = json.load(f).get("architectures") or []
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: not a readable JSON file ({e})") from None
+    if arch and not set(arch) & set(want):
+        raise ValueError(f"{path}: a {arch[0]} checkpoint; {what} needs {' or '.join(want)}")
+    return path
 
 
 def kind(model: str) -> str:
@@ -529,10 +578,10 @@ def folder_preset(model: str) -> dict:
 
 
 def load(model, device="cpu", dtype=torch.float32, text_from=None):
-    """A preset name ("tiny", "tiny-sdxl": random weights) or a path (diffusers folder or single
-    file)."""
+    """A preset name ("tiny", "tiny-sdxl": random weights), a path (diffusers folder or single
+    file) or a hub id (org/name, see find)."""
     if model not in ("tiny", "tiny-sdxl"):
-        return load_pipeline(find(model), device, dtype, text_from)
+        return load_pipeline(find(model), device, dtype, text_from and find(text_from))
     pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
     for m in (pipe.unet, pipe.vae, *pipe.encoders):
         m.to(device, dtype)

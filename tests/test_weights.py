@@ -345,6 +345,9 @@ def test_single_file_errors(tmp_path, monkeypatch):
     pipe = weights.load_pipeline(str(tmp_path / "bare.safetensors"),
                                  text_from=str(tmp_path / "folder"))  # --text-from still works
     assert len(pipe.encoders) == 1
+    vqa = os.path.join(weights.ROOT, "toy", "model", "vqa")  # a --text-from of the wrong kind
+    with pytest.raises(ValueError, match="vqa/text_encoder: not a readable text encoder with"):
+        weights.load_pipeline(str(tmp_path / "bare.safetensors"), text_from=vqa)
     with pytest.raises(FileNotFoundError, match="nope: no such folder"):
         weights.load_pipeline(str(tmp_path / "bare.safetensors"), text_from=str(tmp_path / "nope"))
     (tmp_path / "bad.txt").write_text("#version: 0.2\na b c\n")
