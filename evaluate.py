@@ -28,7 +28,7 @@ import compbench as cb
 import segment
 import viz
 from weights import model_folder
-from sample import check_out, generate, load_or_exit
+from sample import check_out, generate, load_or_exit, warn_unknown
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "3d_spatial",
               "numeracy")
@@ -322,6 +322,7 @@ def main(argv=None):
         if a.model:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
             pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
+            warn_unknown(a.model, [p for c in cats for p in val[c]])
             for c in cats:
                 generate_samples(pipe, val[c], os.path.join(a.out, c), a.n, 42, a.steps, a.cfg,
                                  a.size or pipe.size, a.batch)

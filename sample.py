@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 import viz
 from unet import merge_lora
-from weights import load, load_state, load_strict
+from weights import load, load_state, load_strict, unknown_words
 
 # --- noise schedule and the two update rules ---
 
@@ -225,6 +225,13 @@ def load_or_exit(model, unet=None, lora=None, device="cpu", dtype=torch.float32,
     return pipe
 
 
+def warn_unknown(model, prompts):
+    """The toy model draws only its own world: say so, in one line, for any other word."""
+    line = unknown_words(model, prompts)
+    if line:
+        print(line, file=sys.stderr)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL or a fine-tune.")
     ap.add_argument("prompt", nargs="*", help="one or more prompts")
@@ -257,6 +264,7 @@ def main(argv=None):
     check_out(a.out)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
+    warn_unknown(a.model, prompts)
     f = pipe.vae.cfg.factor
     size = a.size or pipe.size
     if size % f or not f * 4 <= size <= 4096:

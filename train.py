@@ -394,6 +394,8 @@ def train(cfg: TrainConfig):
     prompts = sample.read_prompts(cfg.prompts)
     sample.check_out(os.path.join(cfg.out, "log.jsonl"))
     pipe = sample.load_or_exit(cfg.model, device=device, dtype=dtype)
+    if rank == 0:
+        sample.warn_unknown(cfg.model, prompts)
     check_size(cfg, pipe)  # before BLIP and the segmenter are loaded
     if not cfg.captioner:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")

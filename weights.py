@@ -569,12 +569,33 @@ def folder_preset(model: str) -> dict:
     path = os.path.join(find(model), "comat.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        preset = {k: v for k, v in json.load(f).items() if not k.startswith("_")}  # _: comments
+    with open(path, encoding="utf-8") as f:  # _: comments; vocabulary: see unknown_words
+        preset = {k: v for k, v in json.load(f).items() if not k.startswith("_")
+                  and k != "vocabulary"}
     for k in ("captioner", "dino", "sam"):
         if preset.get(k):
             preset[k] = os.path.relpath(os.path.join(os.path.dirname(path), preset[k]))
     return preset
+
+
+def unknown_words(model: str, prompts) -> str | None:
+    """One warning line when prompts use words outside the vocabulary that a model folder's
+    comat.json lists (the toy model's: it can draw nothing else), naming them and what the model
+    draws; None when every word is known or the folder lists none (real models read any text)."""
+    path = os.path.join(find(model), "comat.json")
+    if model in ("tiny", "tiny-sdxl") or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        vocab = json.load(f).get("vocabulary")
+    if not vocab:
+        return None
+    known = set(vocab["words"])
+    new = dict.fromkeys(w for p in prompts for w in re.findall(r"[\w'-]+", p.lower())
+                        if w not in known)
+    if not new:
+        return None
+    return (f"warning: {model} does not know {', '.join(list(new)[:8])}"
+            f"{' ...' if len(new) > 8 else ''}: it draws {vocab['draws']} (nothing else)")
 
 
 def load(model, device="cpu", dtype=torch.float32, text_from=None):

@@ -274,3 +274,40 @@ def test_an_sdxl_lora_on_sd15_is_refused_before_any_change(tmp_path):
         merge_lora(pipe.unet, weights.load_state(str(tmp_path / "xl_lora.safetensors")))
     assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())
     assert TINY_SD15.ctx_dim != TINY_SDXL.ctx_dim
+
+
+# --- the toy model says what it cannot draw ---
+
+DRAWS = ("it draws shapes circle, square, triangle; colours red, green, blue, yellow, purple, "
+         "cyan; relations to the left of, to the right of, above, below, and (nothing else)")
+
+
+def warnings(capsys):
+    """stderr's warning lines (transformers draws its loading bars there too)."""
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning")]
+
+
+def test_toy_model_names_words_it_does_not_know(tmp_path, capsys):
+    sample.main(["a red cat", "a blue square", "--steps", "1", "--out", str(tmp_path / "x.png")])
+    assert warnings(capsys) == [f"warning: toy/model does not know cat: {DRAWS}"]
+    sample.main(["a red circle to the left of a blue square", "--steps", "1", "--out",
+                 str(tmp_path / "y.png")])
+    assert warnings(capsys) == []
+    assert weights.unknown_words("tiny", ["a red cat"]) is None  # a real tokenizer: no list
+    assert weights.unknown_words(TOY, ["A Dog, a CAT; a dog"]).startswith(
+        f"warning: {TOY} does not know dog, cat: it draws shapes")
+
+
+def test_toy_warning_in_train_and_evaluate(tmp_path, capsys):
+    import train
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    with pytest.raises(SystemExit, match="--captioner BLIP_FOLDER is required"):
+        train.main(["--prompts", str(tmp_path / "p.txt"), "--captioner", "", "--out",
+                    str(tmp_path / "run")])
+    assert warnings(capsys) == [f"warning: toy/model does not know cat: {DRAWS}"]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "color_val.txt").write_text("a purple dog\n")
+    ev.main([str(tmp_path / "out"), "--categories", "color", "--model", "toy/model", "--data",
+             str(tmp_path / "data"), "--n", "1", "--steps", "1", "--blip",
+             tiny_vqa(str(tmp_path / "vqa")), "--blip-size", "32", "--parser", "rules"])
+    assert warnings(capsys) == [f"warning: toy/model does not know dog: {DRAWS}"]
