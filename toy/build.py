@@ -82,8 +82,9 @@ TRAIN_PRESET = {"_comment": "train.py's preset for this model (flags override it
                 "rank": 8, "sampler": "ddim", "total_steps": 20, "grad_steps": 5,
                 "checkpointing": False, "every": 100,
                 # every word the model knows and what it draws: the product warns about others
-                "vocabulary": {"words": WORDS, "draws": f"shapes {', '.join(tw.SHAPES)}; colours "
-                               f"{', '.join(tw.COLOURS)}; relations {', '.join(tw.RELATIONS)}, and"}}
+                "vocabulary": {"words": WORDS, "draws": f"shapes {', '.join(tw.SHAPES)}; "
+                               f"colours {', '.join(tw.COLOURS)}; relations "
+                               f"{', '.join(tw.RELATIONS)}, and"}}
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 # captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
