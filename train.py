@@ -463,8 +463,9 @@ def train(cfg: TrainConfig):
         unet = pipe.unet
         final = os.path.join(cfg.out, "lora.safetensors" if cfg.rank else "unet.safetensors")
         save_weights(lora_state_dict(unet) if cfg.rank else unet.state_dict(), final)
-        viz.save_images(torch.cat([before, grid(cfg, pipe, prompts)]),
-                        os.path.join(cfg.out, "before_after.png"), len(before))
+        viz.labelled_grid([("base", before), (f"fine-tuned, step {cfg.steps}",
+                                              grid(cfg, pipe, prompts))], prompts,
+                          os.path.join(cfg.out, "before_after.png"))
         if cfg.export and cfg.rank:  # a plain fine-tuned UNet (diffusers keys) for any loader
             fold_lora(unet)
             save_weights(unet.state_dict(), os.path.join(cfg.out, "unet.safetensors"))
@@ -482,8 +483,8 @@ def grid(cfg, pipe, prompts):
 
 def pictures(cfg, pipe, prompts, rows, out: Losses, step):
     """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
-    images = grid(cfg, pipe, prompts)
-    viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(images))
+    viz.labelled_grid([(f"step {step}", grid(cfg, pipe, prompts))], prompts,
+                      os.path.join(cfg.out, f"samples-{step:06d}.png"))
     viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
     maps, objs = [m for group in out.maps for m in group], out.objs[0]
     if maps and objs:
