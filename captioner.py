@@ -11,7 +11,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from transformers import AutoTokenizer, BlipForConditionalGeneration, PreTrainedTokenizerBase
+
+from weights import model_folder
 
 # BLIP was trained with CLIP's normalisation constants (official code uses the same numbers).
 MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -24,9 +27,15 @@ class Captioner(NamedTuple):
 
 
 def load_captioner(path, device="cpu", dtype=torch.float32) -> Captioner:
-    """A local BLIP folder (model + tokenizer), frozen. It stays in the graph: no no_grad here."""
-    model = BlipForConditionalGeneration.from_pretrained(path, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    """A BLIP captioning folder or hub id (model + tokenizer), frozen. It stays in the graph: no
+    no_grad here."""
+    path = model_folder(path, ("BlipForConditionalGeneration",), "--captioner (BLIP captioning)")
+    try:
+        model = BlipForConditionalGeneration.from_pretrained(path, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, SafetensorError) as e:  # e.g. a half-downloaded shard
+        raise ValueError(f"{path}: not a readable BLIP captioner ({str(e).splitlines()[0]})"
+                         ) from None
     return Captioner(model.to(device, dtype).requires_grad_(False).eval(), tok)
 
 

@@ -9,6 +9,7 @@ where the benchmark's detector sees the image; hits are (label, confidence, box)
 import json
 import os
 import re
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -299,12 +300,17 @@ def read_samples(folder: str) -> list[tuple[str, str]]:
     if not os.path.isdir(d):
         raise FileNotFoundError(f"no samples/ folder in {folder}")
     found = {}
-    for f in os.listdir(d):
+    for f in sorted(os.listdir(d)):
+        if not f.lower().endswith(".png"):  # .DS_Store, Thumbs.db, a note: not a sample
+            warnings.warn(f"{d}/{f}: not a .png sample, skipped")
+            continue
         m = re.fullmatch(r"([^_]+)_.*?(\d+)\.png", f)
         if not m:
             raise ValueError(f"{d}/{f} is not named {{prompt}}_{{NNNNNN}}.png")
         found[int(m[2])] = (m[1], os.path.join(d, f))
-    if sorted(found) != list(range(len(found))) or not found:
+    if not found:
+        raise ValueError(f"{d}: no {{prompt}}_{{NNNNNN}}.png images")
+    if sorted(found) != list(range(len(found))):
         raise ValueError(f"{d}: image indices must run 0..N-1, found {len(found)} images")
     return [found[i] for i in range(len(found))]
 
@@ -319,15 +325,18 @@ def write_result(folder: str, sub: str, answers: list) -> float:
     return sum(float(a) for a in answers) / len(answers)
 
 
-def load_parser(kind: str):
-    """spaCy's en_core_web_sm (the benchmark's parser) or None for the rule-based chunker."""
+def load_parser(kind: str, name: str | None = None):
+    """spaCy's English model `name` (default en_core_web_sm, the benchmark's parser) or None for
+    the rule-based chunker. "auto" falls back to the chunker unless a model was named."""
     if kind != "rules":
         try:
             import spacy
-            return spacy.load("en_core_web_sm")
+            return spacy.load(name or "en_core_web_sm")
         except (ImportError, OSError):
-            if kind == "spacy":
-                raise ImportError("--parser spacy needs spacy and en_core_web_sm installed")
+            if kind == "spacy" or name:
+                name = name or "en_core_web_sm"
+                raise ImportError(f"spaCy's model {name} is not installed (or spacy is not): "
+                                  f"install it, or name another with --spacy-model NAME")
     return None
 
 
@@ -341,7 +350,11 @@ def read_lines(path):
     """A benchmark prompt file (CRLF, no final newline): its stripped non-empty lines."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"prompt file not found: {path}")
-    return [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
 def complex_types(data: str) -> list[set]:

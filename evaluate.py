@@ -18,6 +18,7 @@ from typing import Callable, NamedTuple
 
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from tqdm import tqdm
 from transformers import (AutoProcessor, AutoTokenizer, BlipForQuestionAnswering, CLIPModel,
                           DPTForDepthEstimation, GroundingDinoForObjectDetection)
@@ -26,13 +27,16 @@ import captioner
 import compbench as cb
 import segment
 import viz
-from sample import generate, load_or_exit
+from weights import model_folder
+from sample import check_out, generate, load_or_exit, warn_unknown
 
 CATEGORIES = ("color", "shape", "texture", "spatial", "non_spatial", "complex", "3d_spatial",
               "numeracy")
 NEEDS = {"blip": ("color", "shape", "texture", "complex"), "clip": ("non_spatial", "complex"),
          "dino": ("spatial", "complex", "3d_spatial", "numeracy"),
          "dpt": ("3d_spatial",)}  # which scorer each category runs
+ARCH = {"blip": ("BlipForQuestionAnswering",), "clip": ("CLIPModel",),
+        "dino": ("GroundingDinoForObjectDetection",), "dpt": ("DPTForDepthEstimation",)}
 MAIN = {"spatial": "spatial", "non_spatial": "clip", "complex": "3_in_1",
         "3d_spatial": "spatial_3d", "numeracy": "numeracy"}  # the table's metric; else blip
 # BLIP and CLIP were both trained with CLIP's normalisation constants (captioner.py's), (3, 1, 1)
@@ -147,6 +151,16 @@ def dpt_depth(model, size=480):
 
 
 # --- scoring a folder, generating one ---
+def open_image(path):
+    """A sample, fully read now: a truncated or non-image .png is one line naming it."""
+    try:
+        image = Image.open(path)
+        image.load()
+    except OSError as e:  # PIL's UnidentifiedImageError is one too
+        raise ValueError(f"{path}: not a readable image ({e})") from None
+    return image
+
+
 class Scorers(NamedTuple):
     vqa: Callable | None     # blip_vqa(...), for color, shape, texture, complex
     cosine: Callable | None  # clip_cosine(...), for non_spatial, complex
@@ -164,7 +178,7 @@ def score(folder, category, scorers: Scorers, nlp=None, types=((), ()), objects=
     res, complex_mode = {}, category == "complex"
     for i in tqdm(range(0, len(samples), batch), desc=category):
         part = samples[i:i + batch]
-        images = [Image.open(path) for _, path in part]
+        images = [open_image(path) for _, path in part]
         if category in NEEDS["blip"]:
             qs = [(j, q) for j, (p, _) in enumerate(part) for q in cb.questions(parsed[p].chunks)
                   if q]
@@ -228,30 +242,41 @@ def generate_samples(pipe, prompts, folder, n=10, seed=42, steps=30, scale=7.5, 
 # --- CLI ---
 def val_prompts(data, category):
     """The benchmark's {category}_val.txt in the --data folder (toy/data holds the toy's)."""
-    return cb.read_lines(os.path.join(data, f"{category}_val.txt"))
+    path = os.path.join(data, f"{category}_val.txt")
+    prompts = cb.read_lines(path)
+    if not prompts:  # checked before any folder is made
+        raise ValueError(f"{path}: no prompts (empty, or blank lines only)")
+    return prompts
 
 
 def load_scorers(a, categories) -> Scorers:
-    """The scorers the categories need, in fp32 as the benchmark, from local folders only."""
+    """The scorers the categories need, in fp32 as the benchmark, from folders or hub ids; each
+    folder's config.json must name its flag's architecture (a BLIP captioning checkpoint given as
+    --blip would score with a freshly initialised text encoder)."""
     need = {name: sorted(set(cats) & set(categories)) for name, cats in NEEDS.items()}
+    paths = {}
     for name, cats in need.items():
-        if cats and not (getattr(a, name) and os.path.isdir(getattr(a, name))):
-            raise FileNotFoundError(f"--{name} must be a local model folder for "
-                                    f"{', '.join(cats)}: {getattr(a, name)}")
+        if cats and not getattr(a, name):
+            raise FileNotFoundError(f"--{name} (a model folder or hub id) is needed for "
+                                    f"{', '.join(cats)}")
+        if cats:
+            paths[name] = model_folder(getattr(a, name), ARCH[name], f"--{name}")
 
     def load(cls, path):
         try:
             m = cls.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError) as e:  # a folder in the wrong layout
+        except (OSError, ValueError, SafetensorError) as e:  # wrong layout, half a shard
             raise ValueError(f"{path}: not a {cls.__name__} folder ({str(e).splitlines()[0]})")
         return m.to(a.device, torch.float32).eval() if isinstance(m, torch.nn.Module) else m
     return Scorers(
-        blip_vqa(load(BlipForQuestionAnswering, a.blip), load(AutoTokenizer, a.blip),
+        blip_vqa(load(BlipForQuestionAnswering, paths["blip"]), load(AutoTokenizer, paths["blip"]),
                  a.blip_size) if need["blip"] else None,
-        clip_cosine(load(CLIPModel, a.clip), load(AutoTokenizer, a.clip)) if need["clip"] else None,
-        grounding_dino(load(GroundingDinoForObjectDetection, a.dino), load(AutoProcessor, a.dino),
-                       a.box_threshold, a.text_threshold) if need["dino"] else None,
-        dpt_depth(load(DPTForDepthEstimation, a.dpt)) if need["dpt"] else None)
+        clip_cosine(load(CLIPModel, paths["clip"]), load(AutoTokenizer, paths["clip"]))
+        if need["clip"] else None,
+        grounding_dino(load(GroundingDinoForObjectDetection, paths["dino"]),
+                       load(AutoProcessor, paths["dino"]), a.box_threshold, a.text_threshold)
+        if need["dino"] else None,
+        dpt_depth(load(DPTForDepthEstimation, paths["dpt"])) if need["dpt"] else None)
 
 
 def main(argv=None):
@@ -259,8 +284,10 @@ def main(argv=None):
     ap.add_argument("out", help="root: one benchmark folder per category, OUT/{category}/samples")
     ap.add_argument("--categories", default=",".join(CATEGORIES))
     ap.add_argument("--data", help="the benchmark's examples/dataset folder (the toy's: toy/data)")
-    ap.add_argument("--model", help="generate first: diffusers folder | single file | tiny")
-    ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
+    ap.add_argument("--model", help="generate first: diffusers folder | single file | hub id | "
+                    "tiny")
+    ap.add_argument("--text-from", help="diffusers folder (or hub id) with the text encoders, "
+                    "for a single file without them (default: the file's own)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors) to merge")
     ap.add_argument("--n", type=int, default=10, help="images per prompt (seeds 42..)")
@@ -276,25 +303,31 @@ def main(argv=None):
     ap.add_argument("--box-threshold", type=float, default=0.35)
     ap.add_argument("--text-threshold", type=float, default=0.25)
     ap.add_argument("--parser", choices=["auto", "rules", "spacy"], default="auto")
+    ap.add_argument("--spacy-model", help="spaCy English model package to load (default: "
+                    "en_core_web_sm; naming one makes a missing model an error)")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = ap.parse_args(argv)
     cats = a.categories.split(",")
     try:
+        if a.model:  # before minutes of generation
+            check_out(os.path.join(a.out, cats[0], "samples", "x.png"))
         assert set(cats) <= set(CATEGORIES), f"--categories: choose from {', '.join(CATEGORIES)}"
         assert a.data or not (a.model or {"complex", "numeracy"} & set(cats)), "--data is " \
             "needed to generate, to route complex prompts and for numeracy's new_objects.txt"
         val = {c: val_prompts(a.data, c) for c in cats} if a.model else {}
         types = cb.complex_types(a.data) if "complex" in cats else ((), ())
         objects = cb.numeracy_objects(a.data) if "numeracy" in cats else ()
-        scorers, nlp = load_scorers(a, cats), cb.load_parser(a.parser)
+        scorers, nlp = load_scorers(a, cats), cb.load_parser(a.parser, a.spacy_model)
         if a.model:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
             pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
+            warn_unknown(a.model, [p for c in cats for p in val[c]])
             for c in cats:
                 generate_samples(pipe, val[c], os.path.join(a.out, c), a.n, 42, a.steps, a.cfg,
                                  a.size or pipe.size, a.batch)
-        print(f"noun chunks and POS tags: {'spaCy en_core_web_sm' if nlp else 'rule-based'}")
+        spacy = f"spaCy {a.spacy_model or 'en_core_web_sm'}"
+        print(f"noun chunks and POS tags: {spacy if nlp else 'rule-based'}")
         rows = []
         for c in cats:
             means = score(os.path.join(a.out, c), c, scorers, nlp, types, objects, a.batch)

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import warnings
 
 import torch
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 import viz
 from unet import merge_lora
-from weights import load, load_state, load_strict
+from weights import load, load_state, load_strict, unknown_words
 
 # --- noise schedule and the two update rules ---
 
@@ -149,13 +150,46 @@ def decode(pipe, z):
 
 
 def read_prompts(path):
-    """Prompts from a text file (one a line) or JSONL ({"prompt": ...}); blank lines skipped."""
+    """Prompts from a UTF-8 text file (one a line) or JSONL ({"prompt": "..."}); blank lines
+    skipped. Any other content exits in one line naming the file (and the line)."""
     if not os.path.isfile(path):
         sys.exit(f"error: prompts file not found: {path}")
-    lines = [ln.strip() for ln in open(path, encoding="utf-8") if ln.strip()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [(i, ln.strip()) for i, ln in enumerate(f, 1) if ln.strip()]
+    except UnicodeDecodeError as e:
+        sys.exit(f"error: prompts file is not UTF-8 text: {path} (byte {e.start}: "
+                 f"{e.object[e.start:e.start + 1]!r})")
     if not lines:
         sys.exit(f"error: prompts file has no prompts: {path}")
-    return [json.loads(ln)["prompt"] if path.endswith(".jsonl") else ln for ln in lines]
+    if not path.endswith(".jsonl"):
+        return [ln for _, ln in lines]
+    prompts = []
+    for i, ln in lines:
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError as e:
+            sys.exit(f"error: {path} line {i}: not JSON ({e.msg})")
+        prompt = row.get("prompt") if isinstance(row, dict) else None
+        if not (isinstance(prompt, str) and prompt.strip()):
+            sys.exit(f"error: {path} line {i}: needs {{\"prompt\": \"some text\"}}, got {ln[:60]}")
+        prompts.append(prompt)
+    return prompts
+
+
+def check_out(path):
+    """Exit in one line, before any work, when `path` cannot be written: its nearest existing
+    folder must be a folder we can write a file in (nothing is created here)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    try:
+        if not os.path.isdir(folder):
+            raise NotADirectoryError(f"{folder} is a file")
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        sys.exit(f"error: cannot write {path} ({e.strerror or e})")
 
 
 def generate(pipe, prompts, steps=30, scale=7.5, size=512, sampler="ddim", seed=0, negative=None,
@@ -191,14 +225,23 @@ def load_or_exit(model, unet=None, lora=None, device="cpu", dtype=torch.float32,
     return pipe
 
 
+def warn_unknown(model, prompts):
+    """The toy model draws only its own world: say so, in one line, for any other word."""
+    line = unknown_words(model, prompts)
+    if line:
+        print(line, file=sys.stderr)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Sample images from SD1.5 / SDXL or a fine-tune.")
     ap.add_argument("prompt", nargs="*", help="one or more prompts")
     ap.add_argument("--prompts", help="text file, one prompt per line")
     ap.add_argument("--model", default="toy/model",
-                    help="diffusers folder | single file | tiny | tiny-sdxl (random weights); "
+                    help="diffusers folder | single file | hub id (org/name) | tiny | tiny-sdxl "
+                         "(random weights); "
                          "default: the toy-world model shipped in this repository")
-    ap.add_argument("--text-from", help="diffusers folder with the text encoders (single files)")
+    ap.add_argument("--text-from", help="diffusers folder (or hub id) with the text encoders, "
+                    "for a single file without them (default: the file's own)")
     ap.add_argument("--unet", help="fine-tuned UNet weights (.safetensors, our/diffusers keys)")
     ap.add_argument("--lora", help="LoRA weights (.safetensors, diffusers/peft keys) to merge")
     ap.add_argument("--steps", type=int, default=30)
@@ -218,8 +261,10 @@ def main(argv=None):
         sys.exit("error: no prompt given (pass prompts as arguments or --prompts FILE)")
     if a.steps < 1 or a.steps > 1000 or a.n < 1:
         sys.exit("error: --steps must be in 1..1000 and --n >= 1")
+    check_out(a.out)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a.dtype]
     pipe = load_or_exit(a.model, a.unet, a.lora, a.device, dtype, a.text_from)
+    warn_unknown(a.model, prompts)
     f = pipe.vae.cfg.factor
     size = a.size or pipe.size
     if size % f or not f * 4 <= size <= 4096:

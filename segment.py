@@ -17,10 +17,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 from transformers import (AutoProcessor, GroundingDinoForObjectDetection, SamModel,
                           SamProcessor)
 
 from chunker import chunks
+from weights import model_folder
 
 # Relation nouns ("on the left of") and the official stop-list of scene / abstract nouns (3.2).
 STOP = set("""left right top bottom front back side middle center centre edge corner
@@ -159,13 +161,19 @@ def grounded_sam(dino, dino_processor, sam, sam_processor, box_threshold=0.3,
 
 
 def load_segmenter(dino_path, sam_path, device="cpu"):
-    """Grounding-DINO and SAM from local folders, frozen: the four arguments of grounded_sam."""
-    dino = GroundingDinoForObjectDetection.from_pretrained(dino_path, local_files_only=True)
-    sam = SamModel.from_pretrained(sam_path, local_files_only=True)
-    return (dino.to(device).eval().requires_grad_(False),
-            AutoProcessor.from_pretrained(dino_path, local_files_only=True),
-            sam.to(device).eval().requires_grad_(False),
-            SamProcessor.from_pretrained(sam_path, local_files_only=True))
+    """Grounding-DINO and SAM from folders or hub ids, frozen: grounded_sam's four arguments."""
+    dino_path = model_folder(dino_path, ("GroundingDinoForObjectDetection",), "--dino")
+    sam_path = model_folder(sam_path, ("SamModel",), "--sam")
+    try:
+        dino = GroundingDinoForObjectDetection.from_pretrained(dino_path, local_files_only=True)
+        sam = SamModel.from_pretrained(sam_path, local_files_only=True)
+        return (dino.to(device).eval().requires_grad_(False),
+                AutoProcessor.from_pretrained(dino_path, local_files_only=True),
+                sam.to(device).eval().requires_grad_(False),
+                SamProcessor.from_pretrained(sam_path, local_files_only=True))
+    except (OSError, ValueError, SafetensorError) as e:  # e.g. a half-downloaded shard
+        raise ValueError(f"{dino_path} / {sam_path}: not a readable Grounding-DINO / SAM pair "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 # --- a segmenter for flat shapes on white: connected components classified by geometry ---

@@ -36,13 +36,13 @@ import viz
 from captioner import Captioner, caption_logprob, load_captioner, random_crop
 from segment import align, grounded_sam, load_segmenter, objects, shapes
 from unet import LoRALinear, add_lora, fold_lora, lora_state_dict
-from weights import Pipeline, folder_preset, kind, load, save_weights
+from weights import Pipeline, folder_preset, kind, save_weights
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     prompts: str = "prompts.txt"  # one prompt a line, or .jsonl lines {"prompt": ...}
-    model: str = "toy/model"      # diffusers folder | original file | tiny | tiny-sdxl
+    model: str = "toy/model"      # diffusers folder | original file | hub id | tiny | tiny-sdxl
     captioner: str = ""           # BLIP folder (official: Salesforce/blip-image-captioning-large)
     dino: str = ""                # Grounding-DINO folder, with --sam: the official segmenter
     sam: str = ""                 # SAM folder (box prompts; official used FastSAM)
@@ -392,12 +392,19 @@ def train(cfg: TrainConfig):
 
     # --- data, frozen models, trainable weights ---
     prompts = sample.read_prompts(cfg.prompts)
-    pipe = load(cfg.model, device, dtype)
+    sample.check_out(os.path.join(cfg.out, "log.jsonl"))
+    pipe = sample.load_or_exit(cfg.model, device=device, dtype=dtype)
+    if rank == 0:
+        sample.warn_unknown(cfg.model, prompts)
     check_size(cfg, pipe)  # before BLIP and the segmenter are loaded
     if not cfg.captioner:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
-    cap = load_captioner(cfg.captioner, device, dtype)
-    run = setup(cfg, pipe, cap, segmenter(cfg, device), prompts, device, dtype, rank, world)
+    try:
+        cap = load_captioner(cfg.captioner, device, dtype)
+        seg = segmenter(cfg, device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    run = setup(cfg, pipe, cap, seg, prompts, device, dtype, rank, world)
     os.makedirs(cfg.out, exist_ok=True)
     real = real_latents(run)
 
@@ -456,8 +463,9 @@ def train(cfg: TrainConfig):
         unet = pipe.unet
         final = os.path.join(cfg.out, "lora.safetensors" if cfg.rank else "unet.safetensors")
         save_weights(lora_state_dict(unet) if cfg.rank else unet.state_dict(), final)
-        viz.save_images(torch.cat([before, grid(cfg, pipe, prompts)]),
-                        os.path.join(cfg.out, "before_after.png"), len(before))
+        viz.labelled_grid([("base", before), (f"fine-tuned, step {cfg.steps}",
+                                              grid(cfg, pipe, prompts))], prompts,
+                          os.path.join(cfg.out, "before_after.png"))
         if cfg.export and cfg.rank:  # a plain fine-tuned UNet (diffusers keys) for any loader
             fold_lora(unet)
             save_weights(unet.state_dict(), os.path.join(cfg.out, "unet.safetensors"))
@@ -475,8 +483,8 @@ def grid(cfg, pipe, prompts):
 
 def pictures(cfg, pipe, prompts, rows, out: Losses, step):
     """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
-    images = grid(cfg, pipe, prompts)
-    viz.save_images(images, os.path.join(cfg.out, f"samples-{step:06d}.png"), len(images))
+    viz.labelled_grid([(f"step {step}", grid(cfg, pipe, prompts))], prompts,
+                      os.path.join(cfg.out, f"samples-{step:06d}.png"))
     viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
     maps, objs = [m for group in out.maps for m in group], out.objs[0]
     if maps and objs:
@@ -519,9 +527,16 @@ def load_checkpoint(out, unet, D, opt, opt_d, full) -> int:
         st = torch.load(os.path.join(ck, "state.pt"), weights_only=True)
     except pickle.UnpicklingError as e:
         what = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        raise SystemExit(f"error: {ck}/state.pt holds a pickled object "
-                         f"({what[1] if what else 'not a tensor, number, list or dict'}); "
+        if not what:  # no object named: the file is damaged, not malicious
+            raise SystemExit(f"error: {ck}/state.pt is damaged (not a readable checkpoint); "
+                             f"resume from another ckpt-* by writing its name into "
+                             f"{out}/latest") from None
+        raise SystemExit(f"error: {ck}/state.pt holds a pickled object ({what[1]}); "
                          f"refused, since unpickling it could run code") from None
+    except (RuntimeError, EOFError, OSError) as e:  # e.g. truncated: torch's zip reader fails
+        raise SystemExit(f"error: {ck}/state.pt is damaged ({str(e).splitlines()[0][:120]}); "
+                         f"resume from another ckpt-* by writing its name into "
+                         f"{out}/latest") from None
     for o, key in ((opt, "opt"), (opt_d, "opt_d")):
         o.load_state_dict(st[key])
     torch.set_rng_state(st["torch_rng"])

@@ -437,14 +437,20 @@ def merge_lora(unet: nn.Module, sd: dict) -> None:
              for k in sd if k.endswith(down)}
     if not names:
         raise ValueError("no LoRA keys (*.lora_A.weight / *.lora.down.weight) in the file")
-    mods = dict(unet.named_modules())
-    for n in sorted(names):
-        if n not in mods:
-            raise ValueError(f"LoRA targets a module the UNet does not have: {n}")
+    mods, pairs = dict(unet.named_modules()), {}
+    for n in sorted(names):  # all checked before any weight changes: never half merged
         pre = next(p for p in ("unet." + n, n) if p + ".lora_A.weight" in sd
                    or p + ".lora.down.weight" in sd)
         down = sd.get(pre + ".lora_A.weight", sd.get(pre + ".lora.down.weight"))
         up = sd.get(pre + ".lora_B.weight", sd.get(pre + ".lora.up.weight"))
+        w = getattr(mods.get(n), "weight", None)
+        if w is None or up is None or w.shape != (up.shape[0], down.shape[1]):
+            what = "no such module" if w is None else "no up weight" if up is None else \
+                f"{tuple(w.shape)} vs the LoRA's {(up.shape[0], down.shape[1])}"
+            raise ValueError(f"LoRA does not fit this UNet (one for another model, e.g. SDXL's "
+                             f"on SD1.5?): {n}: {what}")
+        pairs[n] = pre, down, up
+    for n, (pre, down, up) in pairs.items():
         alpha = sd.get(pre + ".alpha")
         w = mods[n].weight
         scale = 1.0 if alpha is None else float(alpha) / down.shape[0]

@@ -1,7 +1,8 @@
 """Pictures for people: loss curves and cross-attention heat-maps as PNG, drawn with PIL only.
 
 Shapes: B batch, heads, HW attention pixels (a square h*h), T text tokens, K objects.
-Usage: loss_curve(rows, "curve.png"); heatmaps(image, attn, objs, "attn.png")
+Usage: loss_curve(rows, "curve.png"); labelled_grid([("base", images)], prompts, "grid.png");
+heatmaps(image, attn, objs, "attn.png")
 """
 import math
 import os
@@ -9,7 +10,7 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 
 def save_png(img, path):
@@ -34,25 +35,109 @@ def save_images(images, path, cols):
     save_png(grid, path)
 
 
-def loss_curve(rows, path, keys=("loss", "cap", "tok", "pix", "adv", "d"), size=(640, 120)):
-    """One panel per loss term (min-max scaled, its range printed) over the logged steps."""
+def font(size=14):
+    """PIL's own scalable font (no font file to find); its bitmap font where FreeType is absent."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def ema(values, decay):
+    """Exponential moving average with bias correction (Adam's), so it starts at the first value."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = decay * avg + (1 - decay) * v
+        out.append(avg / (1 - decay**i))
+    return out
+
+
+def loss_curve(rows, path, keys=("loss", "cap", "tok", "pix", "adv", "d"), size=(720, 170)):
+    """One panel per loss term over the logged steps: the raw values faint, their EMA (span about
+    a tenth of the run) over them, step ticks on the x axis, the value range on the y axis."""
     keys = [k for k in keys if any(k in r for r in rows)]
     w, h = size
+    left, right, top_pad, bottom = 78, 16, 24, 26  # room for value labels, title, step labels
     img = Image.new("RGB", (w, h * max(len(keys), 1)), "white")
-    draw = ImageDraw.Draw(img)
+    draw, f, small = ImageDraw.Draw(img), font(15), font(12)
     for j, k in enumerate(keys):
         pts = [(r["step"], r[k]) for r in rows if k in r and math.isfinite(r[k])]
-        top = j * h
-        draw.rectangle([40, top + 15, w - 10, top + h - 15], outline=(200, 200, 200))
-        if len(pts) < 2:
+        y0, y1 = j * h + top_pad, (j + 1) * h - bottom  # the plot box, in pixels
+        x0, x1 = left, w - right
+        draw.rectangle([x0, y0, x1, y1], outline=(170, 170, 170))
+        if not pts:
+            draw.text((x0, j * h + 4), f"{k}: no finite values", fill=(0, 0, 0), font=f)
             continue
         s0, s1 = pts[0][0], pts[-1][0]
         v0, v1 = min(p[1] for p in pts), max(p[1] for p in pts)
-        xy = [(40 + (s - s0) / max(s1 - s0, 1) * (w - 50),
-               top + h - 15 - (v - v0) / max(v1 - v0, 1e-12) * (h - 30)) for s, v in pts]
-        draw.line(xy, fill=(30, 70, 220), width=2)
-        draw.text((45, top + 2), f"{k}: {v0:.4g} .. {v1:.4g} (steps {s0}-{s1})", fill=(0, 0, 0))
+        if v1 - v0 < 1e-12:  # a flat line sits mid-panel
+            v0, v1 = v0 - 0.5, v1 + 0.5
+
+        def xy(s, v):
+            return (x0 + (s - s0) / max(s1 - s0, 1) * (x1 - x0),
+                    y1 - (v - v0) / (v1 - v0) * (y1 - y0))
+        smooth = ema([v for _, v in pts], 1 - 1 / max(len(pts) / 10, 1))
+        if len(pts) > 1:
+            draw.line([xy(*p) for p in pts], fill=(185, 200, 240), width=1)  # raw, faint
+            draw.line([xy(s, v) for (s, _), v in zip(pts, smooth)], fill=(20, 60, 200), width=3)
+        else:
+            x, y = xy(*pts[0])
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 60, 200))
+        for n in range(5):  # y axis: the value range, top, bottom and three between
+            v = v1 - n / 4 * (v1 - v0)
+            y = y1 - (v - v0) / (v1 - v0) * (y1 - y0)
+            draw.line([x0 - 4, y, x0, y], fill=(120, 120, 120))
+            draw.text((x0 - 6, y), f"{v:.3g}", fill=(60, 60, 60), font=small, anchor="rm")
+        for n in range(6):  # x axis: step numbers
+            s = round(s0 + n / 5 * (s1 - s0))
+            x = xy(s, v0)[0]
+            draw.line([x, y1, x, y1 + 4], fill=(120, 120, 120))
+            draw.text((x, y1 + 5), str(s), fill=(60, 60, 60), font=small, anchor="ma")
+        draw.text((x0, j * h + 4), f"{k}   last {pts[-1][1]:.4g}, smoothed {smooth[-1]:.4g}   "
+                  f"(steps {s0}-{s1}; faint: each step, bold: moving average)", fill=(0, 0, 0),
+                  font=f)
     save_png(img, path)
+
+
+def labelled_grid(rows, prompts, path, tile=128):
+    """Rows of images (each (n, 3, H, W) in [0, 1], one per prompt) with their label on the left
+    ("base", "fine-tuned, step 300") and each column's prompt under the grid, wrapped; tiles are
+    upscaled to `tile` px (nearest: a 64 px toy picture stays sharp) so labels and pictures read
+    at the same size."""
+    n = max(len(images) for _, images in rows)
+    label_w, gap, f = 150, 4, font(15)
+    lines = [wrap(p, f, tile) for p in prompts[:n]]
+    text_h = 4 + 18 * max((len(ln) for ln in lines), default=0)
+    grid = Image.new("RGB", (label_w + n * (tile + gap), len(rows) * (tile + gap) + text_h),
+                     "white")
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (tile + gap)
+        for i, line in enumerate(wrap(label, f, label_w - 10)):
+            draw.text((6, y + tile // 2 - 9 + 18 * i), line, fill=(0, 0, 0), font=f)
+        for c, img in enumerate(images):
+            arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0) * 255).round()
+            pic = Image.fromarray(arr.to(torch.uint8).cpu().numpy())
+            resample = Image.NEAREST if tile % pic.width == 0 else Image.BICUBIC
+            x = label_w + c * (tile + gap)
+            grid.paste(pic.resize((tile, tile), resample), (x, y))
+            draw.rectangle([x, y, x + tile - 1, y + tile - 1], outline=(210, 210, 210))
+    y = len(rows) * (tile + gap) + 2
+    for c, ln in enumerate(lines):
+        for i, line in enumerate(ln):
+            draw.text((label_w + c * (tile + gap), y + 18 * i), line, fill=(40, 40, 40), font=f)
+    save_png(grid, path)
+
+
+def wrap(text, f, width):
+    """Words of `text` in lines no wider than `width` pixels (a longer word gets its own line)."""
+    lines = []
+    for word in text.split():
+        if lines and f.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    return lines
 
 
 def heatmaps(image, maps, tokens, labels, path):

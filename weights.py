@@ -2,13 +2,19 @@
 
 Two layouts: a diffusers folder (unet/, vae/, text_encoder[_2]/, tokenizer[_2]/) whose tensor names
 already are our parameter names, and an original single file (LDM / SGM: `model.diffusion_model.*`,
-`first_stage_model.*`) renamed through one table per model (the same renames as diffusers'
-single-file conversion). Modules are built on the meta device and filled with `assign=True`: no
-random init of billions of parameters.
+`first_stage_model.*`, the text encoders under `cond_stage_model.*` / `conditioner.embedders.*`)
+renamed through one table per model (the same renames as diffusers' single-file conversion); its
+CLIP tokenizers come from the BPE merges file that open-clip-torch ships, read offline.
+Modules are built on the meta device and filled with `assign=True`: no random init of billions
+of parameters. A hub id (org/name) that is not a local path is fetched or read from the local
+hub cache (HF_HUB_OFFLINE=1: the cache only).
 Usage: `pipe = load_pipeline("path/to/stable-diffusion-xl-base-1.0", "cuda", torch.float16)`.
 """
+import gzip
+import importlib.util
 import json
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -196,13 +202,114 @@ def from_single_file(sd: dict, unet_cfg: UNetConfig, vae_cfg: VAEConfig) -> tupl
     return _unprefix(sd, UNET_PREFIX, unet_key_map(unet_cfg)), vae_sd
 
 
-def to_single_file(unet_sd: dict, vae_sd: dict, unet_cfg: UNetConfig, vae_cfg: VAEConfig) -> dict:
-    """The inverse of from_single_file: diffusers-named dicts -> one original-layout dict."""
+def to_single_file(unet_sd: dict, vae_sd: dict, unet_cfg: UNetConfig, vae_cfg: VAEConfig,
+                   text: tuple = ()) -> dict:
+    """The inverse of from_single_file (and of text_from_single_file, when `text` holds the text
+    encoders' transformers-named dicts): diffusers-named dicts -> one original-layout dict."""
     umap, vmap = unet_key_map(unet_cfg), vae_key_map(vae_cfg)
     sd = {UNET_PREFIX + umap[k]: v for k, v in unet_sd.items()}
     for k, v in vae_sd.items():
         sd[VAE_PREFIX + vmap[k]] = v[:, :, None, None] if _vae_attn_weight(k) else v
+    prefixes = TEXT_PREFIXES["sdxl" if unet_cfg.adm_dim else "sd15"]
+    for prefix, enc in zip(prefixes, text):
+        enc = clip_names(enc)
+        if prefix == OPENCLIP_PREFIX:
+            sd |= {prefix + k: v for k, v in openclip_to_single_file(enc).items()}
+        else:
+            sd |= {prefix + k: v for k, v in enc.items() if not k.endswith(".position_ids")}
     return sd
+
+
+def clip_names(sd: dict) -> dict:
+    """A CLIP text encoder's tensors under the names of the files (`text_model.*`, and the
+    projection): transformers 5's CLIPTextModel drops the `text_model.` level from its own."""
+    return {k if k.startswith(("text_model.", "text_projection.")) else "text_model." + k: v
+            for k, v in sd.items()}
+
+
+# --- text encoders in single files: CLIP ViT-L as transformers names it; SDXL's OpenCLIP bigG ---
+OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+TEXT_PREFIXES = {"sd15": ["cond_stage_model.transformer."],
+                 "sdxl": ["conditioner.embedders.0.transformer.", OPENCLIP_PREFIX]}
+# per residual block, open_clip -> transformers; q, k and v are fused into open_clip's in_proj
+OPENCLIP_BLOCK = {"ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                  "attn.out_proj": "self_attn.out_proj", "mlp.c_fc": "mlp.fc1",
+                  "mlp.c_proj": "mlp.fc2"}
+
+
+def openclip_key_map(n_layers: int) -> dict[str, str]:
+    """CLIPTextModelWithProjection key -> OpenCLIP text key (without the prefix); q, k and v all
+    map to the fused in_proj, in that order (its rows: q, then k, then v)."""
+    t = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+         "text_model.embeddings.position_embedding.weight": "positional_embedding",
+         "text_model.final_layer_norm.weight": "ln_final.weight",
+         "text_model.final_layer_norm.bias": "ln_final.bias",
+         "text_projection.weight": "text_projection"}
+    for i in range(n_layers):
+        hf, oc = f"text_model.encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            t |= {f"{hf}{b}.{leaf}": f"{oc}{a}.{leaf}" for a, b in OPENCLIP_BLOCK.items()}
+            t |= {f"{hf}self_attn.{q}_proj.{leaf}": f"{oc}attn.in_proj_{leaf}" for q in "qkv"}
+    return t
+
+
+HF_LAYER = r"text_model\.encoder\.layers\.(\d+)\."
+
+
+def _n_layers(keys, pattern: str) -> int:
+    return len({m[1] for k in keys if (m := re.match(pattern, k))})
+
+
+def openclip_from_single_file(sd: dict) -> dict:
+    """OpenCLIP text tower tensors (prefix removed) -> CLIPTextModelWithProjection names: q, k, v
+    split out of in_proj; the projection transposed (open_clip computes x @ P, a Linear x @ W.T).
+    Names it does not know pass through, so load_strict reports them."""
+    kmap = openclip_key_map(_n_layers(sd, r"transformer\.resblocks\.(\d+)\."))
+    out = {}
+    for hf, oc in kmap.items():
+        if oc in sd:
+            v = sd[oc].T.contiguous() if oc == "text_projection" else sd[oc]
+            q = hf.split("self_attn.")[-1][0]  # q, k or v: which third of in_proj
+            out[hf] = v.chunk(3)["qkv".index(q)] if "in_proj" in oc else v
+    known = set(kmap.values()) | {"logit_scale", "attn_mask"}  # the CLIP pair's temperature
+    return out | {k: v for k, v in sd.items() if k not in known}
+
+
+def openclip_to_single_file(enc: dict) -> dict:
+    """The inverse of openclip_from_single_file (logit_scale is not written: nothing reads it)."""
+    out = {}
+    for hf, oc in openclip_key_map(_n_layers(enc, HF_LAYER)).items():
+        out.setdefault(oc, []).append(enc[hf].T if oc == "text_projection" else enc[hf])
+    return {k: torch.cat(v) if len(v) == 3 else v[0] for k, v in out.items()}
+
+
+def text_from_single_file(sd: dict) -> list[dict]:
+    """The text encoders of an original single-file dict, transformers-named, SDXL's CLIP-L then
+    bigG; [] when it holds none."""
+    out = []
+    for prefix in TEXT_PREFIXES[single_file_kind(sd)]:
+        enc = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if enc:
+            out.append(openclip_from_single_file(enc) if prefix == OPENCLIP_PREFIX else
+                       {k: v for k, v in enc.items() if not k.endswith(".position_ids")})
+    return out
+
+
+def text_config(sd: dict, act: str, tok) -> CLIPTextConfig:
+    """A text encoder's config read off its tensors' shapes (a single file has no config). Every
+    CLIP text tower has 64-wide heads; OpenAI's CLIP uses quick_gelu, OpenCLIP's bigG gelu."""
+    emb = "text_model.embeddings."
+    if emb + "token_embedding.weight" not in sd:
+        raise ValueError(f"no {emb}token_embedding.weight: not a CLIP text encoder")
+    vocab, width = sd[emb + "token_embedding.weight"].shape
+    proj = sd.get("text_projection.weight")
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=width, num_attention_heads=width // 64,
+        intermediate_size=sd["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=_n_layers(sd, HF_LAYER),
+        max_position_embeddings=sd[emb + "position_embedding.weight"].shape[0], hidden_act=act,
+        projection_dim=width if proj is None else proj.shape[0], bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
 
 
 @dataclass
@@ -236,38 +343,108 @@ def _build(cls, cfg, sd: dict, what: str, device, dtype) -> nn.Module:
     return module.to(device, dtype)
 
 
-def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str | None = None
-                  ) -> Pipeline:
-    """A diffusers folder, or an original single .safetensors file plus `text_from` (a diffusers
-    folder with the text encoders and tokenizers). Local files only, never a download."""
+def bpe_file() -> str:
+    """CLIP's BPE merges as open-clip-torch ships them, found without importing open_clip (which
+    would import torchvision): a single file carries no tokenizer, and this needs no download."""
+    spec = importlib.util.find_spec("open_clip")
+    path = os.path.join(spec.submodule_search_locations[0], "bpe_simple_vocab_16e6.txt.gz") \
+        if spec and spec.submodule_search_locations else ""
+    if not os.path.isfile(path):
+        raise FileNotFoundError("a single-file checkpoint's CLIP tokenizer is built from the BPE "
+                                "file of open-clip-torch: pip install --no-deps open-clip-torch")
+    return path
+
+
+def _byte_chars() -> list[str]:
+    """CLIP's (GPT-2's) byte -> character map, in CLIP's vocabulary order: "!" is id 0."""
+    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]  # the printable bytes
+    return [chr(c) for c in bs + [256 + n for n in range(256 - len(bs))]]  # the rest past 255
+
+
+def bpe_tokenizer(path: str, pad="<|endoftext|>", max_len=77) -> CLIPTokenizer:
+    """CLIP's tokenizer from a BPE merges file in CLIP's format (.txt or .txt.gz: a version line,
+    then one merge "a b" a line by rank), as CLIP's SimpleTokenizer builds it: the 256 byte
+    characters, the same with </w>, one token per merge (the first 48894), the two specials."""
+    try:
+        with (gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else
+              open(path, encoding="utf-8")) as f:
+            lines = f.read().split("\n")[1:49152 - 256 - 2 + 1]
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable BPE merges file ({e})") from None
+    merges = [tuple(ln.split()) for ln in lines if ln]
+    if not merges or any(len(m) != 2 for m in merges):
+        raise ValueError(f"{path}: not a BPE merges file (lines of two symbols)")
+    chars = _byte_chars()
+    names = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab = {w: i for i, w in enumerate(names + ["<|startoftext|>", "<|endoftext|>"])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, pad_token=pad, model_max_length=max_len)
+
+
+def _text_encoder(sd: dict, cls, act: str, tok, what: str) -> nn.Module:
+    with torch.device("meta"):  # as _build: load_strict assigns the tensors
+        enc = cls(text_config(sd, act, tok))
+    if not any(k.startswith("text_model.") for k in enc.state_dict()):  # see clip_names
+        sd = {k.removeprefix("text_model."): v for k, v in sd.items()}
+    load_strict(enc, sd, what)
+    # the one buffer not in the file (non-persistent): the positions 0..76, made as CLIP makes it
+    n = enc.config.max_position_embeddings
+    getattr(enc, "text_model", enc).embeddings.register_buffer(
+        "position_ids", torch.arange(n)[None], persistent=False)
+    return enc
+
+
+def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str | None = None,
+                  bpe: str | None = None) -> Pipeline:
+    """A diffusers folder, or an original single .safetensors file with its text encoders (or
+    those of `text_from`, a diffusers folder) and CLIP tokenizers built from the BPE merges file
+    `bpe` (default: open-clip-torch's). Local files only, never a download."""
     if not os.path.exists(model):
         raise FileNotFoundError(f"{model}: no such model folder or file")
+    texts = []
     if os.path.isdir(model):
         ucfg, unet_sd = _folder_part(os.path.join(model, "unet"), unet_config_from_diffusers)
         vcfg, vae_sd = _folder_part(os.path.join(model, "vae"), vae_config_from_diffusers)
         vae_sd, text_from = rename_legacy_vae_keys(vae_sd), model  # e.g. SD1.5's query/key/value
         with open(os.path.join(model, "unet", "config.json")) as f:
             size = (json.load(f).get("sample_size") or 0) * vcfg.factor  # may be null
-    else:  # a single file has no config: the presets; check text_from before reading gigabytes
-        if text_from is None or not os.path.isdir(text_from):
-            raise ValueError(f"{model}: a single-file checkpoint needs text_from=<a diffusers "
-                             f"folder> for the text encoders and tokenizers (got {text_from})")
+    else:  # a single file has no config: the presets; check the rest before reading gigabytes
+        if text_from is not None and not os.path.isdir(text_from):
+            raise FileNotFoundError(f"{text_from}: no such folder (text_from: a diffusers folder "
+                                    f"with the text encoders and tokenizers)")
+        bpe = bpe or (bpe_file() if text_from is None else None)
         sd = load_state(model)
         ucfg, vcfg = (SDXL, SDXL_VAE) if single_file_kind(sd) == "sdxl" else (SD15, SD15_VAE)
         size = 0
         unet_sd, vae_sd = from_single_file(sd, ucfg, vcfg)
+        texts = [] if text_from else text_from_single_file(sd)
+        if not (text_from or len(texts) == 1 + (ucfg.adm_dim > 0)):
+            raise ValueError(f"{model}: holds no text encoders; give text_from=<a diffusers "
+                             f"folder> with them and the tokenizers")
     unet = _build(UNet, ucfg, unet_sd, f"{model}: unet", device, dtype)
     # the SDXL VAE overflows fp16 (its config sets force_upcast): keep it fp32, decode in fp32
     vae_dtype = torch.float32 if dtype == torch.float16 and vcfg.upcast else dtype
     vae = _build(VAE, vcfg, vae_sd, f"{model}: vae", device, vae_dtype).requires_grad_(False).eval()
     tokenizers, encoders = [], []
-    for sub, cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
-        enc_dir, tok_dir = (os.path.join(text_from, n + sub) for n in ("text_encoder", "tokenizer"))
-        if sub and not os.path.isdir(enc_dir):
-            break  # SD1.5 has one text encoder
-        enc = cls.from_pretrained(enc_dir, local_files_only=True)
+    for i, (sub, cls) in enumerate((("", CLIPTextModel), ("_2", CLIPTextModelWithProjection))):
+        if texts:  # a single file's: SDXL's second tokenizer pads with "!", as its folder's does
+            if i == len(texts):
+                break
+            tok = bpe_tokenizer(bpe, pad="!" if i else "<|endoftext|>")
+            act = "gelu" if i else "quick_gelu"  # OpenCLIP's bigG; OpenAI's CLIP ViT-L
+            enc = _text_encoder(texts[i], cls, act, tok, f"{model}: text encoder {i + 1}")
+        else:
+            enc_dir, tok_dir = (os.path.join(text_from, n + sub)
+                                for n in ("text_encoder", "tokenizer"))
+            if sub and not os.path.isdir(enc_dir):
+                break  # SD1.5 has one text encoder
+            try:  # e.g. a half-downloaded model.safetensors: one line naming the folder
+                enc = cls.from_pretrained(enc_dir, local_files_only=True)
+                tok = CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True)
+            except (OSError, ValueError, SafetensorError) as e:
+                raise ValueError(f"{enc_dir}: not a readable text encoder with its tokenizer "
+                                 f"({str(e).splitlines()[0][:200]})") from None
         encoders.append(enc.to(device, dtype).requires_grad_(False).eval())
-        tokenizers.append(CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True))
+        tokenizers.append(tok)
     sdxl = ucfg.adm_dim > 0
     return Pipeline(unet, vae, tokenizers, encoders, sdxl, size or (1024 if sdxl else 512))
 
@@ -278,9 +455,7 @@ def load_pipeline(model: str, device="cpu", dtype=torch.float32, text_from: str 
 def clip_tokenizer(words=(), pad="<|endoftext|>", max_len=77):
     """A CLIP BPE tokenizer built offline: byte-level characters plus merges that make each of
     `words` a single token. Stands in for the real vocabulary in tests and tiny models."""
-    bs = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's printable byte map
-    cs = bs + [256 + n for n in range(256 - len(bs))]  # then the rest, shifted past 255
-    chars = [chr(c) for c in cs]  # CLIP's vocabulary order: "!" is id 0
+    chars = _byte_chars()
     vocab = {c: i for i, c in enumerate(chars + [c + "</w>" for c in chars])}
     merges = []
     while True:  # BPE applies merges by rank across words, so merges are added until each is whole
@@ -318,11 +493,56 @@ def tiny_pipeline(sdxl=False, seed=0):
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
-def find(path: str) -> str:
-    """A model path as given or, when it is relative and not there, relative to this repository,
-    so the shipped toy folders (toy/model, toy/captioner) work from any directory."""
+# what the project reads from a hub repository (nothing else is downloaded): a diffusers pipeline's
+# configs, full-precision safetensors (or their shards), tokenizers and a comat.json preset; a
+# transformers model's configs, vocabularies and safetensors
+PIPELINE_FILES = ["model_index.json", "comat.json", "*/config.json", "tokenizer*/*",
+                  "unet/diffusion_pytorch_model.safetensors*", "unet/diffusion_pytorch_model-*",
+                  "vae/diffusion_pytorch_model.safetensors*", "text_encoder*/model.safetensors*",
+                  "text_encoder*/model-*.safetensors"]  # X.safetensors* = X and its shard index
+MODEL_FILES = ["*.json", "*.txt", "*.model", "model.safetensors", "model.safetensors.index.json",
+               "model-*.safetensors"]
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def find(path: str, files=PIPELINE_FILES) -> str:
+    """A model path as given; relative and not there, relative to this repository (the shipped
+    toy folders work from any directory); an org/name that is neither, a hub repository: its
+    `files` downloaded or, offline (HF_HUB_OFFLINE=1), read from the local hub cache."""
     inside = os.path.join(ROOT, path)
-    return inside if not os.path.exists(path) and os.path.exists(inside) else path
+    if os.path.exists(path) or not path:
+        return path
+    if os.path.exists(inside):
+        return inside
+    if not HUB_ID.fullmatch(path):
+        return path  # the caller says "no such file or folder"
+    from huggingface_hub import constants, snapshot_download  # only for hub ids
+    try:
+        return snapshot_download(path, allow_patterns=files)
+    except (OSError, ValueError) as e:  # no network, no such repository, incomplete cache, ...
+        where = "in the local hub cache (HF_HUB_OFFLINE=1)" if constants.HF_HUB_OFFLINE else \
+            f"on the hub ({str(e).splitlines()[0][:150]})"
+        raise FileNotFoundError(f"{path}: no such local path, and not found as a hub id {where}"
+                                ) from None
+
+
+def model_folder(path: str, want: tuple, what: str) -> str:
+    """A transformers model folder (or hub id) for `what`, whose config.json names one of the
+    architectures `want`: another model's folder is refused in one line, before loading it."""
+    path = find(path, MODEL_FILES)
+    config = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such folder ({what} is a model folder)")
+    if not os.path.isfile(config):
+        raise FileNotFoundError(f"{config}: missing (not a transformers model folder, for {what})")
+    try:
+        with open(config, encoding="utf-8") as f:
+            arch = json.load(f).get("architectures") or []
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{config}: not a readable JSON file ({e})") from None
+    if arch and not set(arch) & set(want):
+        raise ValueError(f"{path}: a {arch[0]} checkpoint; {what} needs {' or '.join(want)}")
+    return path
 
 
 def kind(model: str) -> str:
@@ -349,19 +569,40 @@ def folder_preset(model: str) -> dict:
     path = os.path.join(find(model), "comat.json")
     if not os.path.isfile(path):
         return {}
-    with open(path, encoding="utf-8") as f:
-        preset = {k: v for k, v in json.load(f).items() if not k.startswith("_")}  # _: comments
+    with open(path, encoding="utf-8") as f:  # _: comments; vocabulary: see unknown_words
+        preset = {k: v for k, v in json.load(f).items() if not k.startswith("_")
+                  and k != "vocabulary"}
     for k in ("captioner", "dino", "sam"):
         if preset.get(k):
             preset[k] = os.path.relpath(os.path.join(os.path.dirname(path), preset[k]))
     return preset
 
 
+def unknown_words(model: str, prompts) -> str | None:
+    """One warning line when prompts use words outside the vocabulary that a model folder's
+    comat.json lists (the toy model's: it can draw nothing else), naming them and what the model
+    draws; None when every word is known or the folder lists none (real models read any text)."""
+    path = os.path.join(find(model), "comat.json")
+    if model in ("tiny", "tiny-sdxl") or not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        vocab = json.load(f).get("vocabulary")
+    if not vocab:
+        return None
+    known = set(vocab["words"])
+    new = dict.fromkeys(w for p in prompts for w in re.findall(r"[\w'-]+", p.lower())
+                        if w not in known)
+    if not new:
+        return None
+    return (f"warning: {model} does not know {', '.join(list(new)[:8])}"
+            f"{' ...' if len(new) > 8 else ''}: it draws {vocab['draws']} (nothing else)")
+
+
 def load(model, device="cpu", dtype=torch.float32, text_from=None):
-    """A preset name ("tiny", "tiny-sdxl": random weights) or a path (diffusers folder or single
-    file)."""
+    """A preset name ("tiny", "tiny-sdxl": random weights), a path (diffusers folder or single
+    file) or a hub id (org/name, see find)."""
     if model not in ("tiny", "tiny-sdxl"):
-        return load_pipeline(find(model), device, dtype, text_from)
+        return load_pipeline(find(model), device, dtype, text_from and find(text_from))
     pipe = tiny_pipeline(sdxl=model == "tiny-sdxl")
     for m in (pipe.unet, pipe.vae, *pipe.encoders):
         m.to(device, dtype)

@@ -171,17 +171,18 @@ def test_3d_spatial_and_numeracy(tmp_path, capsys):
         assert res[k]["answer"] == pytest.approx(0.3 + 0.5 * near)
     assert [r["answer"] for r in res[2:]] == [0.0, 0.0]  # no chair or mouse among the hits
     ev.main([str(out), "--categories", "numeracy", *flags])  # no --dpt needed to score it
-    with pytest.raises(SystemExit, match="--dpt must be a local model folder for 3d_spatial"):
+    with pytest.raises(SystemExit, match="--dpt .a model folder or hub id. is needed for 3d_"):
         ev.main([str(out), "--categories", "3d_spatial", *flags])
     with pytest.raises(SystemExit, match="--data is needed"):
         ev.main([str(out), "--categories", "numeracy", "--dino", dino])
 
 
 def test_one_line_errors(tmp_path):
-    with pytest.raises(SystemExit, match="--blip must be a local model folder for color"):
+    with pytest.raises(SystemExit, match="--blip .a model folder or hub id. is needed for color"):
         ev.main([str(tmp_path), "--categories", "color"])
     os.makedirs(tmp_path / "empty")
-    with pytest.raises(SystemExit, match="not a BlipForQuestionAnswering folder") as e:
+    with pytest.raises(SystemExit, match="empty/config.json: missing .not a transformers model "
+                       "folder, for --blip") as e:
         ev.main([str(tmp_path), "--categories", "color", "--blip", str(tmp_path / "empty")])
     assert "\n" not in str(e.value)
     with pytest.raises(SystemExit, match="--data is needed"):

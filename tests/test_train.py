@@ -187,3 +187,24 @@ def test_resume_refuses_a_pickled_object_in_state_pt(world, tmp_path):
     with pytest.raises(SystemExit, match="state.pt holds a pickled object .*refused"):
         run(world, tmp_path / "o", "--steps", "2", "--resume")
     assert not marker.exists()  # the payload never ran
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:100], lambda b: b"garbage" * 10])
+def test_resume_names_a_damaged_state_pt(world, tmp_path, damage):
+    run(world, tmp_path / "o", "--steps", "1", "--every", "1")
+    state = tmp_path / "o" / "ckpt-1" / "state.pt"
+    state.write_bytes(damage(state.read_bytes()))
+    with pytest.raises(SystemExit) as e:
+        run(world, tmp_path / "o", "--steps", "2", "--resume")
+    assert str(e.value).startswith(f"error: {state} is damaged") and "\n" not in str(e.value)
+    assert "pickled object" not in str(e.value) and "ckpt-* by writing its name" in str(e.value)
+
+
+def test_wrong_captioner_folder_and_unwritable_out(world, tmp_path):
+    vqa = os.path.join(ROOT, "toy", "model", "vqa")
+    with pytest.raises(SystemExit, match=f"^error: {vqa}: a BlipForQuestionAnswering checkpoint; "
+                       "--captioner .BLIP captioning. needs BlipForConditionalGeneration$"):
+        run(world, tmp_path / "o", "--captioner", vqa)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path}/file/o/log.jsonl"):
+        run(world, tmp_path / "file" / "o")

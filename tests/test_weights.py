@@ -221,8 +221,8 @@ def test_one_line_errors(tmp_path):
     save_file({"text_model.x": torch.ones(1)}, tmp_path / "clip.safetensors")
     with pytest.raises(ValueError, match="not an SD1.5/SDXL single-file"):
         weights.single_file_kind(weights.load_state(str(tmp_path / "clip.safetensors")))
-    with pytest.raises(ValueError, match="text_from"):
-        weights.load_pipeline(str(tmp_path / "clip.safetensors"))
+    with pytest.raises(ValueError, match="not an SD1.5/SDXL single-file"):
+        weights.load_pipeline(str(tmp_path / "clip.safetensors"), bpe=tiny_bpe(tmp_path / "b.gz"))
     (tmp_path / "folder/unet").mkdir(parents=True)
     with pytest.raises(FileNotFoundError, match="config.json"):
         weights.load_pipeline(str(tmp_path / "folder"))
@@ -239,3 +239,129 @@ def test_clip_tokenizer_makes_every_word_one_token():
     assert all(tok.tokenize(w) == [w + "</w>"] for w in words)
     ids = tok("a red triangle to the right").input_ids
     assert len(ids) == 8 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+
+
+# --- single files with their text encoders, and CLIP tokenizers from a BPE merges file ---
+
+
+def tiny_bpe(path, words=("red", "circle", "square", "cat", "a", "of")):
+    """A BPE merges file in CLIP's format (gzip, a version line, merges by rank) that makes each
+    word one token; returns its path."""
+    import gzip
+    merges = []
+    for w in words:
+        pieces = [*w[:-1], w[-1] + "</w>"]
+        while len(pieces) > 1:  # join from the left: "r e", "re d</w>"
+            if (pieces[0], pieces[1]) not in merges:
+                merges.append((pieces[0], pieces[1]))
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.write("bpe_simple_vocab_16e6.txt#version: 0.2\n" + "\n".join(map(" ".join, merges)))
+    return str(path)
+
+
+def tiny_sd_folder(folder, kind, bpe):
+    """A tiny diffusers SD1.5 / SDXL pipeline saved as a folder (CLIP tokenizers from `bpe`);
+    returns (unet config, state dicts of unet, vae, text encoders) for a single file."""
+    from diffusers import (
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
+    torch.manual_seed(0)
+    ucfg = replace(TINY_SD15, ctx_dim=64) if kind == "sd15" else \
+        replace(TINY_SDXL, ctx_dim=128, adm_dim=64 + 6 * 8)  # CLIP heads are 64 wide
+    tok = weights.bpe_tokenizer(bpe)
+    text = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=1, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    parts = dict(unet=diffusers_unet(ucfg), vae=diffusers_vae(replace(TINY_VAE,
+                                                                      upcast=kind == "sdxl")),
+                 text_encoder=CLIPTextModel(CLIPTextConfig(**text, hidden_act="quick_gelu")),
+                 tokenizer=tok, scheduler=DDIMScheduler(clip_sample=False))
+    if kind == "sd15":
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    else:
+        parts["text_encoder_2"] = CLIPTextModelWithProjection(CLIPTextConfig(
+            **text, hidden_act="gelu", projection_dim=64))
+        parts["tokenizer_2"] = weights.bpe_tokenizer(bpe, pad="!")
+        pipe = StableDiffusionXLPipeline(**parts)
+    pipe.save_pretrained(folder)
+    encoders = [pipe.text_encoder] + ([pipe.text_encoder_2] if kind == "sdxl" else [])
+    return ucfg, pipe.unet.state_dict(), pipe.vae.state_dict(), [e.state_dict() for e in encoders]
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sdxl"])
+def test_single_file_text_encoders_match_the_folder(kind, tmp_path, monkeypatch):
+    import sample
+    bpe = tiny_bpe(tmp_path / "bpe.txt.gz")
+    ucfg, usd, vsd, texts = tiny_sd_folder(tmp_path / "folder", kind, bpe)
+    sd = weights.to_single_file(usd, vsd, ucfg, TINY_VAE, texts)
+    prefixes = weights.TEXT_PREFIXES[kind]
+    assert sum(k.startswith(tuple(prefixes)) for k in sd) == sum(map(len, texts)) - 2 * (
+        kind == "sdxl") * 2 * 2  # bigG: q, k, v (weight and bias) fused into in_proj, 2 layers
+    # both directions, and diffusers' own converters agree on the names and the fused split
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint,
+        convert_open_clip_checkpoint,
+    )
+    back, texts = weights.text_from_single_file(sd), [weights.clip_names(t) for t in texts]
+    assert all(b.keys() == t.keys() and all(torch.equal(b[k], t[k]) for k in t)
+               for b, t in zip(back, texts)) and len(back) == len(texts)
+    assert convert_ldm_clip_checkpoint(sd).keys() == texts[0].keys()
+    if kind == "sdxl":
+        ref = convert_open_clip_checkpoint(None, sd, prefix=weights.OPENCLIP_PREFIX)
+        assert ref.keys() == back[1].keys() and all(torch.equal(ref[k], back[1][k]) for k in ref)
+        assert sd[weights.OPENCLIP_PREFIX + "transformer.resblocks.1.attn.in_proj_weight"].shape \
+            == (3 * 64, 64)
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / "model.safetensors")
+    # a single file carries no config: the loader uses the full presets, made tiny here
+    monkeypatch.setattr(weights, "SDXL" if kind == "sdxl" else "SD15", ucfg)
+    monkeypatch.setattr(weights, "SDXL_VAE" if kind == "sdxl" else "SD15_VAE",
+                        replace(TINY_VAE, upcast=kind == "sdxl"))
+    one = weights.load_pipeline(str(tmp_path / "model.safetensors"), bpe=bpe)
+    folder = weights.load_pipeline(str(tmp_path / "folder"))
+    assert [t.pad_token for t in one.tokenizers] == [t.pad_token for t in folder.tokenizers]
+    prompts = ["a red circle", "a cat of square"]
+    assert all(a(prompts).input_ids == b(prompts).input_ids
+               for a, b in zip(one.tokenizers, folder.tokenizers))
+    with torch.no_grad():
+        (c1, p1), (c2, p2) = sample.encode_prompt(one, prompts), sample.encode_prompt(folder,
+                                                                                     prompts)
+    assert torch.equal(c1, c2) and (p1 is None if kind == "sd15" else torch.equal(p1, p2))
+    images = [sample.generate(p, prompts, steps=2, size=32, progress=False) for p in (one, folder)]
+    assert torch.equal(*images)
+
+
+def test_single_file_errors(tmp_path, monkeypatch):
+    bpe = tiny_bpe(tmp_path / "bpe.txt.gz")
+    ucfg, usd, vsd, _ = tiny_sd_folder(tmp_path / "folder", "sd15", bpe)
+    save_file(weights.to_single_file(usd, vsd, ucfg, TINY_VAE), tmp_path / "bare.safetensors")
+    monkeypatch.setattr(weights, "SD15", ucfg)
+    monkeypatch.setattr(weights, "SD15_VAE", TINY_VAE)
+    with pytest.raises(ValueError, match="bare.safetensors: holds no text encoders; give "):
+        weights.load_pipeline(str(tmp_path / "bare.safetensors"), bpe=bpe)
+    pipe = weights.load_pipeline(str(tmp_path / "bare.safetensors"),
+                                 text_from=str(tmp_path / "folder"))  # --text-from still works
+    assert len(pipe.encoders) == 1
+    vqa = os.path.join(weights.ROOT, "toy", "model", "vqa")  # a --text-from of the wrong kind
+    with pytest.raises(ValueError, match="vqa/text_encoder: not a readable text encoder with"):
+        weights.load_pipeline(str(tmp_path / "bare.safetensors"), text_from=vqa)
+    with pytest.raises(FileNotFoundError, match="nope: no such folder"):
+        weights.load_pipeline(str(tmp_path / "bare.safetensors"), text_from=str(tmp_path / "nope"))
+    (tmp_path / "bad.txt").write_text("#version: 0.2\na b c\n")
+    with pytest.raises(ValueError, match="bad.txt: not a BPE merges file"):
+        weights.bpe_tokenizer(str(tmp_path / "bad.txt"))
+
+
+def test_bpe_file_of_open_clip():
+    """The real vocabulary, where open-clip-torch is installed (optional): CLIP's known ids."""
+    import importlib.util
+    if importlib.util.find_spec("open_clip") is None:
+        with pytest.raises(FileNotFoundError, match="pip install --no-deps open-clip-torch"):
+            weights.bpe_file()
+        return
+    tok = weights.bpe_tokenizer(weights.bpe_file())
+    assert len(tok) == 49408 and tok("a photo of a cat").input_ids == [
+        49406, 320, 1125, 539, 320, 2368, 49407]

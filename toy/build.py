@@ -80,7 +80,11 @@ TRAIN_PRESET = {"_comment": "train.py's preset for this model (flags override it
                 "captioner": "captioner", "segmenter": "shapes", "size": 64, "steps": 300,
                 "batch": 8, "lr": 3e-4, "lr_d": 1e-3, "w_tok": 1e-2, "w_pix": 5e-4, "w_adv": 0.03,
                 "rank": 8, "sampler": "ddim", "total_steps": 20, "grad_steps": 5,
-                "checkpointing": False, "every": 100}
+                "checkpointing": False, "every": 100,
+                # every word the model knows and what it draws: the product warns about others
+                "vocabulary": {"words": WORDS, "draws": f"shapes {', '.join(tw.SHAPES)}; "
+                               f"colours {', '.join(tw.COLOURS)}; relations "
+                               f"{', '.join(tw.RELATIONS)}, and"}}
 LATENT_POOL = 16384  # scenes encoded once for the UNet (captions are drawn anew at every use)
 HELD_OUT = set(tw.EVAL_PROMPTS["two"] + tw.EVAL_PROMPTS["spatial"])
 # captioner: share of pictures drawn wrongly; share of each batch first pushed towards a wrong
