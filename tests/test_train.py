@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
+from captioner import load_captioner
 from unet import merge_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -199,3 +200,37 @@ def test_bf16_step_runs_on_the_cpu(world, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
     row = json.loads((tmp_path / "bf" / "log.jsonl").read_text().splitlines()[0])
     assert all(math.isfinite(row[k]) for k in ("loss", "cap", "adv", "d", "grad_norm"))
+
+
+def test_shared_discriminator_trains_as_the_copy_and_resumes_exactly(world, tmp_path):
+    """--disc shared (one frozen base, a second LoRA set for D) follows the copied
+    discriminator's run bit for bit, and resumes exactly."""
+    copied = run(world, tmp_path / "copy", "--steps", "2", "--every", "2")
+    run(world, tmp_path / "shared", "--steps", "1", "--every", "1", "--disc", "shared")
+    shared = run(world, tmp_path / "shared", "--steps", "2", "--every", "2", "--disc", "shared",
+                 "--resume")
+    assert copied.keys() == shared.keys()
+    assert all(torch.equal(copied[k], shared[k]) for k in copied)
+    dc, ds = (load_file(tmp_path / r / "ckpt-2" / "disc.safetensors") for r in ("copy", "shared"))
+    assert set(ds) == {"head.weight", "head.bias"} | {k for k in ds if k.startswith("lora.")}
+    assert sum(v.numel() for v in ds.values()) < sum(v.numel() for v in dc.values()) / 2
+    assert torch.equal(dc["head.weight"], ds["head.weight"])
+    with pytest.raises(SystemExit, match="--disc shared needs LoRA training"):
+        run(world, tmp_path / "full", "--disc", "shared", "--rank", "0", "--steps", "1")
+
+
+def test_shared_discriminator_and_generator_steps_change_only_their_own_weights(world):
+    """With one optimiser's lr at 0 (AdamW then changes nothing), the other's step leaves its
+    weights exactly as they were: the generator's step touches no discriminator weight and the
+    discriminator's step none of the generator's, though both live on one UNet."""
+    cfg = train.parse(world["args"] + ["--disc", "shared"])
+    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner),
+                    train.segmenter(cfg, "cpu"), PROMPTS, "cpu", torch.float32)
+    real = torch.randn(len(PROMPTS), *r.lat_shape)
+    for step, (lr, lr_d) in enumerate(((1e-3, 0.0), (0.0, 1e-3))):  # step 1: the sets differ
+        r.opt.param_groups[0]["lr"], r.opt_d.param_groups[0]["lr"] = lr, lr_d
+        g0, d0 = ([p.detach().clone() for p in ps] for ps in (r.params, r.d_params))
+        train.update(r, train.losses(r, [0, 1], step), real, [0, 1])
+        g_moved = any(not torch.equal(a, p) for a, p in zip(g0, r.params))
+        d_moved = any(not torch.equal(a, p) for a, p in zip(d0, r.d_params))
+        assert (g_moved, d_moved) == (lr > 0, lr_d > 0)
