@@ -71,7 +71,7 @@ class TrainConfig:
     disc: str = "copy"            # D's UNet: copy (own, official) | shared (base + 2nd LoRA set)
     real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
     precision: str = "auto"       # bf16 (autocast, bf16 base weights, fp32 LoRA) | fp32 | auto
-    checkpointing: bool = True    # gradient checkpointing of UNet blocks
+    checkpointing: bool = True    # gradient checkpointing of UNet and VAE-decoder blocks
     seed: int = 42                # LoRA init, batch order, noise: the whole run follows from it
     every: int = 200              # sample grid, heat-maps, loss curve and checkpoint every N steps
     max_nan: int = 5              # consecutive non-finite losses before stopping with a checkpoint
@@ -108,7 +108,10 @@ def parse(argv=None) -> TrainConfig:
         kind_ = {"action": argparse.BooleanOptionalAction} if bool_like else {"type": f.type}
         ap.add_argument("--" + f.name, default=defaults[f.name], **kind_,
                         help=f"{comments.get(f.name, '')} (default: {defaults[f.name]!r})")
-    return TrainConfig(**vars(ap.parse_args(argv)))
+    cfg = TrainConfig(**vars(ap.parse_args(argv)))
+    if cfg.batch < 1:
+        raise SystemExit(f"error: --batch must be at least 1, got {cfg.batch}")
+    return cfg
 
 
 # --- set-up: everything a step uses, made once ---
@@ -136,9 +139,9 @@ class Run(NamedTuple):
     world: int
 
 
-def check_size(cfg, pipe) -> int:
+def check_size(cfg, vae_cfg) -> int:
     """The VAE's downsampling factor, once --size is known to fit it."""
-    f = pipe.vae.cfg.factor
+    f = vae_cfg.factor
     if cfg.size % f or cfg.size < 4 * f:
         raise SystemExit(f"error: --size must be a multiple of {f} and at least {4 * f}")
     return f
@@ -149,7 +152,7 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
     (--disc shared: on the base itself, with a second LoRA set), both optimisers, the prompts'
     objects and the attention layers. The caller chooses the models (train: from files; plan.py:
     random, on fake tensors)."""
-    f = check_size(cfg, pipe)
+    f = check_size(cfg, pipe.vae.cfg)
     seg = seg if cfg.w_tok or cfg.w_pix else None  # weights 0: skip maps and masks altogether
     if seg is None and rank == 0:
         warnings.warn("attribute concentration is off (no segmenter, or w_tok = w_pix = 0)")
@@ -182,7 +185,7 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
         unet.float().requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     d_params = [p for p in D.parameters() if p.requires_grad]
-    unet.gradient_checkpointing = cfg.checkpointing
+    unet.gradient_checkpointing = pipe.vae.decoder.gradient_checkpointing = cfg.checkpointing
     opt = torch.optim.AdamW(params, cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     opt_d = torch.optim.AdamW(d_params, cfg.lr_d, betas=(0.0, 0.999), weight_decay=1e-2, eps=1e-8)
     # official layers: mid and up blocks, never down; kept apart because the pixel loss averages
@@ -412,7 +415,7 @@ def train(cfg: TrainConfig):
     # --- data, frozen models, trainable weights ---
     prompts = sample.read_prompts(cfg.prompts)
     pipe = load(cfg.model, device, dtype)
-    check_size(cfg, pipe)  # before BLIP and the segmenter are loaded
+    check_size(cfg, pipe.vae.cfg)  # before BLIP and the segmenter are loaded
     if not cfg.captioner:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
     cap = load_captioner(cfg.captioner, device, dtype)

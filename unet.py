@@ -8,12 +8,14 @@ Shapes: B batch, C channels, H, W latent size, HW pixels, T text tokens, heads, 
 Usage: `eps = UNet(SDXL)(x, t, ctx, pooled=pooled, time_ids=time_ids)`.
 """
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 from torch.utils.checkpoint import checkpoint
 
 
@@ -161,10 +163,12 @@ class TransformerBlock(nn.Module):
 
 
 @contextmanager
-def replay(attns: list, flags: list, loras: list, sets: list):
+def replay(attns: list, flags: list, loras: list, sets: list, modes: list):
     """Checkpoint recomputation (during backward) must take the forward's path, explicit softmax or
     SDPA, whatever `store` says by then, and the forward's LoRA set (a shared discriminator's call
-    is recomputed after the generator's set is back); recomputed probs go to a throwaway list."""
+    is recomputed after the generator's set is back); recomputed probs go to a throwaway list. It
+    also runs under the forward's torch-function modes, which backward does not keep (torch
+    re-enters only its device context): plan.py's CUDA autocast rules must hold there too."""
     saved = [(a.store, a.probs) for a in attns]
     saved_sets = [m.use_second for m in loras]
     for a, flag in zip(attns, flags):
@@ -172,7 +176,10 @@ def replay(attns: list, flags: list, loras: list, sets: list):
     for m, second in zip(loras, sets):
         m.use_second = second
     try:
-        yield
+        with ExitStack() as stack:
+            for mode in modes:  # bottom of the stack first
+                stack.enter_context(mode)
+            yield
     finally:
         for a, (flag, probs) in zip(attns, saved):
             a.store, a.probs = flag, probs
@@ -188,9 +195,10 @@ def run(m: nn.Module, ckpt: bool, *args):
         return m(*args)
     attns = [a for a in m.modules() if isinstance(a, Attention)]
     loras = [a for a in m.modules() if isinstance(a, LoRALinear)]
+    modes = [f for f in _get_current_function_mode_stack() if not isinstance(f, DeviceContext)]
     # context_fn runs at forward time, so the flags are the forward's: (forward, recompute) contexts
     ctx = lambda: (nullcontext(), replay(attns, [a.store for a in attns],
-                                         loras, [a.use_second for a in loras]))
+                                         loras, [a.use_second for a in loras], modes))
     return checkpoint(m, *args, use_reentrant=False, context_fn=ctx)
 
 
