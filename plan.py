@@ -226,7 +226,8 @@ def masks(images, nouns):
     """Segmenter stand-in: every object found, random masks (masks come under no_grad anyway)."""
     B, _, H, W = images.shape
     K = max([len(n) for n in nouns] + [1])
-    return torch.rand(B, K, H, W) > 0.5, torch.ones(B, K, dtype=torch.bool)
+    dev = images.device
+    return torch.rand(B, K, H, W, device=dev) > 0.5, torch.ones(B, K, dtype=torch.bool, device=dev)
 
 
 def nbytes(*objs):
