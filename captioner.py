@@ -55,8 +55,12 @@ def preprocess(images, size=384, crop=None):
     if crop is not None:
         top, left, side = crop
         images = images[:, :, top:top + side, left:left + side]
-    x = F.interpolate(images, size=(size, size), mode="bicubic", antialias=True,
-                      align_corners=False)
+    # fp32 for the resize, back to the input dtype after: CPU has no bf16 antialiased bicubic
+    # ("compute_index_ranges_weights" not implemented for 'BFloat16'), and a bf16 resize would
+    # round the weights of a 510 -> 384 px filter anyway
+    wide = torch.promote_types(images.dtype, torch.float32)
+    x = F.interpolate(images.to(wide), size=(size, size), mode="bicubic", antialias=True,
+                      align_corners=False).to(images.dtype)
     mean = torch.tensor(MEAN, device=x.device, dtype=x.dtype)[:, None, None]
     std = torch.tensor(STD, device=x.device, dtype=x.dtype)[:, None, None]
     return (x - mean) / std

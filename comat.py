@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from unet import Attention, UNet, cross_attentions
+from unet import Attention, UNet, cross_attentions, lora_pair, lora_targets
 
 # --- gradient truncation: which sampling steps build a graph (docs/official-code.md 1) ---
 
@@ -224,4 +224,33 @@ class Discriminator(nn.Module):
     def forward(self, z, t, ctx, pooled=None, time_ids=None):
         """z (B, C, H, W) -> logits (B, H, W)."""
         eps = self.unet(z, t, ctx, pooled, time_ids)  # (B, C, H, W)
+        return self.head(eps.permute(0, 2, 3, 1)).squeeze(-1)  # (B, H, W, C) -> (B, H, W)
+
+
+class SharedDiscriminator(nn.Module):
+    """Discriminator on the generator's own frozen UNet (train.py --disc shared, LoRA training
+    only): its weights are a second LoRA set on the same Linears and the head, and each call
+    switches the UNet's LoRALinears to that set and back, so one frozen base sits in memory. At
+    initialisation it computes what Discriminator(copy of the base UNet + LoRA) computes."""
+
+    def __init__(self, unet: UNet, rank: int):
+        super().__init__()
+        self.shared = (unet,)  # a tuple, not a submodule: the state dict is the head and LoRA set
+        self.head = nn.Linear(unet.cfg.in_channels, 1)
+        # made in add_lora's order, before the generator's set: a copy's random draws, in order
+        self.names = lora_targets(unet)
+        self.lora = nn.ModuleList(nn.ModuleList(lora_pair(unet.get_submodule(n), rank))
+                                  for n in self.names)
+
+    def forward(self, z, t, ctx, pooled=None, time_ids=None):
+        """z (B, C, H, W) -> logits (B, H, W)."""
+        unet = self.shared[0]
+        layers = [unet.get_submodule(n) for n in self.names]  # the generator's LoRALinears
+        for m, (A, B) in zip(layers, self.lora):
+            m.second, m.use_second = (A, B), True
+        try:  # a checkpointed block's recomputation in backward sets the flag again (unet.replay)
+            eps = unet(z, t, ctx, pooled, time_ids)  # (B, C, H, W)
+        finally:
+            for m in layers:
+                m.use_second = False
         return self.head(eps.permute(0, 2, 3, 1)).squeeze(-1)  # (B, H, W, C) -> (B, H, W)

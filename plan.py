@@ -8,24 +8,29 @@ dispatch mode adds up the bytes of the live tensor storages and keeps the peak (
 torch.cuda.max_memory_allocated sees, minus allocator rounding); FlopCounterMode counts matmul,
 convolution and attention FLOPs.
 `python plan.py --real ...` runs the same on random real weights: the measurement the estimate is
-checked on.
-Limits (README "What fits where"): CPU autocast rules (bf16 norm and softmax outputs; CUDA autocast
-keeps those in fp32), no segmenter activations, no allocator fragmentation or CUDA workspaces.
+checked on. The plan is for a GPU, so it applies CUDA autocast's dtype rules (CudaRules); `--rules
+cpu` keeps the CPU's, the default of `--real` on a CPU.
+Limits (README "What fits where"): no segmenter activations, no allocator rounding, fragmentation,
+CUDA context or workspaces (hence MARGIN).
 """
+import argparse
 import json
 import os
 import resource
 import sys
 import tempfile
+import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
+import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.utils import flop_counter
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 from transformers import (BertTokenizer, BlipConfig, BlipForConditionalGeneration, CLIPTextConfig,
                           CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer)
 
@@ -36,11 +41,16 @@ import vae as V
 import weights
 from captioner import Captioner
 
-GB = 2**30
-# bf16 dense tensor-core peak, datasheet, TFLOP/s; ASSUMED utilisation of it by a training step
-GPUS = (("RTX 4090", 24, 165), ("A100 40GB", 40, 312), ("A100 80GB", 80, 312),
-        ("H100 SXM", 80, 989))
+GiB = 2**30
+# Cards: memory in GiB as the driver reports it; bf16 dense tensor-core peak, datasheet, TFLOP/s;
+# ASSUMED utilisation of that peak by a training step
+GPUS = (("RTX 4090", 24.0, 165), ("A100 40GB", 40.0, 312), ("A100 80GB", 80.0, 312),
+        ("H100 SXM", 79.6, 989))
 UTILISATION = 0.35
+# Share of a card kept free before the plan says "fits": allocator rounding and fragmentation,
+# the CUDA context and library workspaces, none of which the tracked storages include
+# (bench/gpu_check.py measures the real peak against the plan on a GPU)
+MARGIN = 0.15
 # Official architectures with random weights (plan only): UNet, VAE, text encoders, captioner
 CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
               num_attention_heads=12, projection_dim=768)
@@ -51,6 +61,24 @@ PRESETS = {"sd15": (U.SD15, V.SD15_VAE, [CLIP_L]), "sdxl": (U.SDXL, V.SDXL_VAE, 
 BLIP_LARGE = dict(vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                      num_attention_heads=16, image_size=384, patch_size=16),
                   text_config=dict(encoder_hidden_size=1024))
+
+
+class CudaRules(TorchFunctionMode):
+    """CUDA autocast's dtype rules on the CPU: while (CPU) autocast is on, the ops CUDA autocast
+    runs in fp32 get fp32 inputs, so their outputs and what their backward saves are fp32, as on
+    the GPU; CPU autocast runs them in bf16. The ops: those of CUDA's fp32 list that take
+    activations in these models (norms and softmax; the list's losses and reductions act on small
+    tensors here). Matmuls and convolutions follow the same bf16 rule on both devices."""
+    FP32 = (F.group_norm, F.layer_norm, F.softmax, F.log_softmax, torch.softmax,
+            torch.log_softmax, torch.Tensor.softmax, torch.Tensor.log_softmax)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FP32 and torch.is_autocast_enabled("cpu"):
+            up = lambda t: t.float() if torch.is_tensor(t) and t.is_floating_point() else t
+            with torch.autocast("cpu", enabled=False):
+                return func(*tree_map(up, args), **tree_map(up, kwargs))
+        return func(*args, **kwargs)
 
 
 class Tracker(TorchDispatchMode):
@@ -84,12 +112,10 @@ def rss():
 
 
 def fake_mode():
-    """FakeTensorMode that survives nn.Module's dtype casts and copy.deepcopy: its per-output memo
-    holds weakrefs, which forbid the tensor swap `.to()` does on fake parameters, and a deepcopied
-    fake tensor would otherwise carry a copy of the mode (a second, incompatible mode)."""
+    """FakeTensorMode that survives nn.Module's dtype casts: its per-output memo holds weakrefs,
+    which forbid the tensor swap `.to()` does on fake parameters."""
     mode = FakeTensorMode()
     mode.fake_tensor_converter.set_tensor_memo = lambda t, v: None
-    mode.__deepcopy__ = lambda memo: mode
     return mode
 
 
@@ -147,10 +173,8 @@ def pipeline(model, device, dtype):
             pipe = weights.Pipeline(U.UNet(ucfg), V.VAE(vcfg), toks, encs, ucfg.adm_dim > 0)
         else:
             model = weights.find(model)
-            assert os.path.isdir(model), f"plan.py needs a preset or a diffusers folder: {model}"
-            ucfg, vcfg = (parse(json.load(open(os.path.join(model, part, "config.json"))))
-                          for part, parse in (("unet", weights.unet_config_from_diffusers),
-                                              ("vae", weights.vae_config_from_diffusers)))
+            ucfg = weights.unet_config_from_diffusers(read_config(model, "unet"))
+            vcfg = vae_config(model)
             toks, encs = [], []
             for sub, cls in (("", CLIPTextModel), ("_2", CLIPTextModelWithProjection)):
                 if os.path.isdir(os.path.join(model, "text_encoder" + sub)):
@@ -162,6 +186,24 @@ def pipeline(model, device, dtype):
     for m in (pipe.unet, pipe.vae, *pipe.encoders):
         materialise(m, device, dtype)
     return pipe
+
+
+def read_config(folder, part):
+    with open(os.path.join(folder, part, "config.json"), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def vae_config(model):
+    """The VAE's config of a preset or a diffusers folder, without building anything."""
+    if model in ("tiny", "tiny-sdxl"):
+        return V.TINY_VAE
+    if model in PRESETS:
+        return PRESETS[model][1]
+    model = weights.find(model)
+    if not os.path.isdir(model):  # a single checkpoint file: its configs are not in it
+        raise SystemExit(f"error: --model {model}: plan.py needs a preset (sd15, sdxl, tiny, "
+                         f"tiny-sdxl) or a diffusers folder")
+    return weights.vae_config_from_diffusers(read_config(model, "vae"))
 
 
 def captioner(path, device, dtype):
@@ -184,7 +226,8 @@ def masks(images, nouns):
     """Segmenter stand-in: every object found, random masks (masks come under no_grad anyway)."""
     B, _, H, W = images.shape
     K = max([len(n) for n in nouns] + [1])
-    return torch.rand(B, K, H, W) > 0.5, torch.ones(B, K, dtype=torch.bool)
+    dev = images.device
+    return torch.rand(B, K, H, W, device=dev) > 0.5, torch.ones(B, K, dtype=torch.bool, device=dev)
 
 
 def nbytes(*objs):
@@ -220,7 +263,7 @@ def unet_flops(unet, cfg, batch, side):
     return counter.get_total_flops()
 
 
-def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops, real):
+def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops, real, rules, step_s):
     """Print the plan; returns its numbers (GB, FLOPs per step) for tests and bench scripts.
     steps: the run's optimizer steps; extra_flops: per step, the denoising steps left out."""
     w = nbytes(*models.values())
@@ -228,41 +271,51 @@ def report(cfg, tracker, counter, rss0, models, opts, steps, extra_flops, real):
     peak = tracker.peak
     act = peak - w - o
     per_step = counter.get_total_flops() / cfg.steps + extra_flops
-    r = {"weights": w / GB, "optimiser": o / GB, "activations": act / GB, "peak": peak / GB,
-         "flops": per_step, "parts": {k: nbytes(v) / GB for k, v in models.items()}}
-    r["batch_fit"] = {gb: int((gb * GB - w - o) // (act / cfg.batch)) for _, gb, _ in GPUS}
+    r = {"weights": w / GiB, "optimiser": o / GiB, "activations": act / GiB, "peak": peak / GiB,
+         "flops": per_step, "parts": {k: nbytes(v) / GiB for k, v in models.items()},
+         "rules": rules, "size": cfg.size}
+    r["batch_fit"] = {name: max(0, int((gib * (1 - MARGIN) * GiB - w - o) // (act / cfg.batch)))
+                      for name, gib, _ in GPUS}
     fake = not real
     kind = "estimate (fake tensors)" if fake else "measured (random real weights)"
-    print(f"plan, {kind}: {cfg.model}, {cfg.size} px, batch {cfg.batch}, LoRA rank {cfg.rank}, "
-          f"K {cfg.grad_steps}, checkpointing {'on' if cfg.checkpointing else 'off'}, "
-          f"{cfg.precision}")
-    print("  weights GB " + ", ".join(f"{k} {v:.2f}" for k, v in r["parts"].items()))
-    print(f"  peak {r['peak']:.2f} GB = weights {r['weights']:.2f} + gradients and AdamW state "
+    print(f"plan, {kind}, {rules.upper()} autocast rules: {cfg.model}, {cfg.size} px, batch "
+          f"{cfg.batch}, LoRA rank {cfg.rank}, K {cfg.grad_steps}, checkpointing "
+          f"{'on' if cfg.checkpointing else 'off'}, discriminator {cfg.disc}, {cfg.precision}")
+    print("  weights GiB " + ", ".join(f"{k} {v:.2f}" for k, v in r["parts"].items()))
+    print(f"  peak {r['peak']:.2f} GiB = weights {r['weights']:.2f} + gradients and AdamW state "
           f"{r['optimiser']:.2f} + activations {r['activations']:.2f}")
     if not fake:
-        rise = rss() - rss0
-        r["rss_rise"] = rise / GB
-        print(f"  max RSS rise over the process start {r['rss_rise']:.2f} GB (CPU allocator)")
-    for name, gb, tf in GPUS:
-        fits = r["peak"] <= gb
+        r["rss_rise"], r["step_s"] = (rss() - rss0) / GiB, step_s
+        print(f"  max RSS rise over the process start {r['rss_rise']:.2f} GiB (CPU allocator); "
+              f"{step_s:.2f} s for the second step (with the planner's counters)")
+    print(f"  fits: peak within {1 - MARGIN:.0%} of the card (the rest for the allocator, the CUDA "
+          f"context and workspaces)")
+    for name, gib, tf in GPUS:
+        fits = r["peak"] <= gib * (1 - MARGIN)
         sec = per_step / (tf * 1e12 * UTILISATION)
-        print(f"  {name:10s} {gb:3d} GB: {'fits' if fits else 'does NOT fit'}, largest batch "
-              f"~{r['batch_fit'][gb]}; ~{sec:.1f} s/step, {steps} steps ~"
+        print(f"  {name:10s} {gib:4.1f} GiB: {'fits' if fits else 'does NOT fit'}, largest batch "
+              f"~{r['batch_fit'][name]}; ~{sec:.1f} s/step, {steps} steps ~"
               f"{sec * steps / 3600:.1f} h (estimate: {tf} TFLOP/s x {UTILISATION})")
     print(f"  {per_step / 1e12:.1f} TFLOP per step (K {cfg.grad_steps} of the T steps)")
-    if r["peak"] > 40:  # the official setups' target card (README "What fits where": levers)
-        print(f"  over 40 GB, levers: {'' if cfg.checkpointing else '--checkpointing; '}fewer "
-              f"gradient steps (--grad_steps 1: activations grow with K); the discriminator's own "
-              f"frozen UNet, {r['parts'].get('discriminator', 0):.1f} GB, shared with the "
-              f"generator's (not implemented)")
+    if r["peak"] > GPUS[0][1] * (1 - MARGIN):  # short of a 24 GiB card: the levers that cost least
+        levers = ([] if cfg.disc == "shared" or not cfg.rank else
+                  [f"--disc shared (the discriminator's own frozen UNet, "
+                   f"{r['parts']['discriminator']:.1f} GiB, goes)"])
+        levers += [] if cfg.checkpointing else ["--checkpointing"]
+        levers += ["fewer gradient steps (--grad_steps 1: activations grow with K)"]
+        print("  levers: " + "; ".join(levers))
     return r
 
 
-def plan(cfg: train.TrainConfig, real: bool = False) -> dict:
+def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dict:
     """Two steps of train.py's own step code (train.setup, train.losses, train.update) on models
     with random weights: fake tensors (no memory: any size plans on a laptop) or, with real, real
-    ones (the check of the estimate). T = K denoising steps has the graph and memory of T = 50;
-    the FLOPs of the T - K steps without graph are added from one UNet call."""
+    ones (the check of the estimate), under CUDA's or the CPU's autocast rules. T = K denoising
+    steps has the graph and memory of T = 50; the FLOPs of the T - K steps without graph are added
+    from one UNet call."""
+    if cfg.captioner and not os.path.isdir(cfg.captioner):  # else a hub "Repo id" error, later
+        raise SystemExit(f"error: --captioner {cfg.captioner}: no such folder")
+    train.check_size(cfg, vae_config(cfg.model))  # before anything is built
     steps, T = cfg.steps, cfg.total_steps
     cfg = replace(cfg, steps=2, total_steps=cfg.grad_steps, every=10**9,
                   out=tempfile.mkdtemp(prefix="plan-"))
@@ -271,10 +324,11 @@ def plan(cfg: train.TrainConfig, real: bool = False) -> dict:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and (cuda or not real))
     dtype = torch.bfloat16 if bf16 else torch.float32
     prompts = sample.read_prompts(cfg.prompts)
-    with fake_mode() if not real else nullcontext(), Tracker() as tracker, flops() as counter:
+    emulate = rules == "cuda" and device == "cpu"  # on a GPU, autocast applies its own rules
+    with (fake_mode() if not real else nullcontext(), CudaRules() if emulate else nullcontext(),
+          Tracker() as tracker, flops() as counter):
         rss0 = rss()
         pipe = pipeline(cfg.model, device, dtype)
-        train.check_size(cfg, pipe)
         cap = captioner(cfg.captioner, device, dtype)  # BLIP-large unless a folder is given
         run = train.setup(cfg, pipe, cap, masks, prompts, device, dtype)
         # cached reals are a tensor of the run's size; fly makes them in the step, as train does
@@ -282,20 +336,30 @@ def plan(cfg: train.TrainConfig, real: bool = False) -> dict:
         tracker.peak = tracker.live  # the plan's peak and FLOPs are the steps', not the set-up's
         counter.flop_counts.clear()
         for step in range(cfg.steps):  # fake tensors hold no values to draw a batch order from
+            t0 = time.perf_counter()
             idx = [j % len(prompts) for j in range(cfg.batch)]
             train.update(run, train.losses(run, idx, step), reals, idx)
+            step_s = time.perf_counter() - t0  # the last step's: optimiser state exists by then
         models = {"unet": pipe.unet, "discriminator": run.D, "vae": pipe.vae,
                   "text": torch.nn.ModuleList(pipe.encoders), "captioner": cap.model}
         extra = (T - cfg.total_steps) * unet_flops(pipe.unet, cfg, cfg.batch, run.lat_shape[-1])
         return report(cfg, tracker, counter, rss0, models, (run.opt, run.opt_d), steps, extra,
-                      real)
+                      real, rules, step_s)
 
 
 def main(argv=None):
-    """python plan.py [--real] [train.py flags]: the flags are train.py's, --model included."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    real = "--real" in argv
-    return plan(train.parse([a for a in argv if a != "--real"]), real)
+    """python plan.py [--real] [--rules cuda|cpu] [train.py flags]: the other flags are train.py's,
+    --model included. Tiny presets plan at their own size (64 px) unless --size is given."""
+    ap = argparse.ArgumentParser(add_help=False)  # --help: train.py's flags
+    ap.add_argument("--real", action="store_true")
+    ap.add_argument("--rules", choices=("cuda", "cpu"))
+    own, argv = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    cfg = train.parse(argv)
+    if cfg.model in ("tiny", "tiny-sdxl") and not any(a.startswith("--size") for a in argv):
+        cfg = replace(cfg, size=64)
+    cuda = own.real and torch.cuda.is_available()
+    rules = own.rules or ("cpu" if own.real and not cuda else "cuda")  # the device it runs on
+    return plan(cfg, own.real, rules)
 
 
 if __name__ == "__main__":

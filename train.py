@@ -12,7 +12,6 @@ Usage: python train.py --prompts prompts.txt --model sd15 --captioner blip --din
        python plan.py --model sdxl ...            (memory and time of a step, before any download)
 """
 import argparse
-import copy
 import inspect
 import json
 import os
@@ -69,9 +68,10 @@ class TrainConfig:
     w_pix: float = 5e-5           # pixel-level attention loss
     w_adv: float = 1.0            # adversarial term (official SDXL 0.5)
     smoothing: float = 0.1        # BLIP label smoothing (what official transformers 4.31 applied)
+    disc: str = "copy"            # D's UNet: copy (own, official) | shared (base + 2nd LoRA set)
     real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
     precision: str = "auto"       # bf16 (autocast, bf16 base weights, fp32 LoRA) | fp32 | auto
-    checkpointing: bool = True    # gradient checkpointing of UNet blocks
+    checkpointing: bool = True    # gradient checkpointing of UNet and VAE-decoder blocks
     seed: int = 42                # LoRA init, batch order, noise: the whole run follows from it
     every: int = 200              # sample grid, heat-maps, loss curve and checkpoint every N steps
     max_nan: int = 5              # consecutive non-finite losses before stopping with a checkpoint
@@ -108,7 +108,10 @@ def parse(argv=None) -> TrainConfig:
         kind_ = {"action": argparse.BooleanOptionalAction} if bool_like else {"type": f.type}
         ap.add_argument("--" + f.name, default=defaults[f.name], **kind_,
                         help=f"{comments.get(f.name, '')} (default: {defaults[f.name]!r})")
-    return TrainConfig(**vars(ap.parse_args(argv)))
+    cfg = TrainConfig(**vars(ap.parse_args(argv)))
+    if cfg.batch < 1:
+        raise SystemExit(f"error: --batch must be at least 1, got {cfg.batch}")
+    return cfg
 
 
 # --- set-up: everything a step uses, made once ---
@@ -136,19 +139,20 @@ class Run(NamedTuple):
     world: int
 
 
-def check_size(cfg, pipe) -> int:
+def check_size(cfg, vae_cfg) -> int:
     """The VAE's downsampling factor, once --size is known to fit it."""
-    f = pipe.vae.cfg.factor
+    f = vae_cfg.factor
     if cfg.size % f or cfg.size < 4 * f:
         raise SystemExit(f"error: --size must be a multiple of {f} and at least {4 * f}")
     return f
 
 
 def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
-    """LoRA (official) or the whole UNet trainable, the discriminator from a copy of the base UNet,
-    both optimisers, the prompts' objects and the attention layers. The caller chooses the models
-    (train: from files; plan.py: random, on fake tensors)."""
-    f = check_size(cfg, pipe)
+    """LoRA (official) or the whole UNet trainable, the discriminator from a copy of the base UNet
+    (--disc shared: on the base itself, with a second LoRA set), both optimisers, the prompts'
+    objects and the attention layers. The caller chooses the models (train: from files; plan.py:
+    random, on fake tensors)."""
+    f = check_size(cfg, pipe.vae.cfg)
     seg = seg if cfg.w_tok or cfg.w_pix else None  # weights 0: skip maps and masks altogether
     if seg is None and rank == 0:
         warnings.warn("attribute concentration is off (no segmenter, or w_tok = w_pix = 0)")
@@ -163,16 +167,25 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
 
     unet = pipe.unet.requires_grad_(False)
     torch.manual_seed(cfg.seed)  # same LoRA init on every rank, as data parallelism needs
-    D = comat.Discriminator(copy.deepcopy(unet))
-    add_lora(D.unet, cfg.rank or 128)
-    D.head.float()
+    if cfg.disc not in ("copy", "shared"):
+        raise SystemExit(f"error: --disc is copy or shared, not {cfg.disc}")
+    if cfg.disc == "shared" and not cfg.rank:
+        raise SystemExit("error: --disc shared needs LoRA training (--rank > 0): a full "
+                         "fine-tune changes the base the discriminator would share")
+    if cfg.disc == "shared":  # one frozen base in memory; same random draws as the copy's
+        D = comat.SharedDiscriminator(unet, cfg.rank)
+    else:
+        D = comat.Discriminator(copy_unet(unet))
+        add_lora(D.unet, cfg.rank or 128)
+        D.unet.gradient_checkpointing = cfg.checkpointing
+        D.head.float()
     if cfg.rank:
         add_lora(unet, cfg.rank)
     else:  # full fine-tuning keeps fp32 master weights; autocast still computes in bf16
         unet.float().requires_grad_(True)
     params = [p for p in unet.parameters() if p.requires_grad]
     d_params = [p for p in D.parameters() if p.requires_grad]
-    unet.gradient_checkpointing = D.unet.gradient_checkpointing = cfg.checkpointing
+    unet.gradient_checkpointing = pipe.vae.decoder.gradient_checkpointing = cfg.checkpointing
     opt = torch.optim.AdamW(params, cfg.lr, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     opt_d = torch.optim.AdamW(d_params, cfg.lr_d, betas=(0.0, 0.999), weight_decay=1e-2, eps=1e-8)
     # official layers: mid and up blocks, never down; kept apart because the pixel loss averages
@@ -184,6 +197,15 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
               (pipe.unet.cfg.in_channels, cfg.size // f, cfg.size // f), detach, (), device, dtype,
               rank, world)
     return run._replace(null=cond(run, [""]))
+
+
+def copy_unet(unet):
+    """A second UNet with its own copy of the weights: built on the meta device, then given
+    clones (copy.deepcopy reads fake tensors' data pointers in plan.py, a deprecated access)."""
+    with torch.device("meta"):
+        twin = type(unet)(unet.cfg)
+    twin.load_state_dict({k: v.clone() for k, v in unet.state_dict().items()}, assign=True)
+    return twin.requires_grad_(False)
 
 
 def autocast(run):
@@ -396,7 +418,7 @@ def train(cfg: TrainConfig):
     pipe = sample.load_or_exit(cfg.model, device=device, dtype=dtype)
     if rank == 0:
         sample.warn_unknown(cfg.model, prompts)
-    check_size(cfg, pipe)  # before BLIP and the segmenter are loaded
+    check_size(cfg, pipe.vae.cfg)  # before BLIP and the segmenter are loaded
     if not cfg.captioner:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
     try:

@@ -8,12 +8,14 @@ Shapes: B batch, C channels, H, W latent size, HW pixels, T text tokens, heads, 
 Usage: `eps = UNet(SDXL)(x, t, ctx, pooled=pooled, time_ids=time_ids)`.
 """
 import math
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.overrides import _get_current_function_mode_stack
+from torch.utils._device import DeviceContext
 from torch.utils.checkpoint import checkpoint
 
 
@@ -161,17 +163,28 @@ class TransformerBlock(nn.Module):
 
 
 @contextmanager
-def replay(attns: list, flags: list):
+def replay(attns: list, flags: list, loras: list, sets: list, modes: list):
     """Checkpoint recomputation (during backward) must take the forward's path, explicit softmax or
-    SDPA, whatever `store` says by then; the probs it recomputes go to a throwaway list."""
+    SDPA, whatever `store` says by then, and the forward's LoRA set (a shared discriminator's call
+    is recomputed after the generator's set is back); recomputed probs go to a throwaway list. It
+    also runs under the forward's torch-function modes, which backward does not keep (torch
+    re-enters only its device context): plan.py's CUDA autocast rules must hold there too."""
     saved = [(a.store, a.probs) for a in attns]
+    saved_sets = [m.use_second for m in loras]
     for a, flag in zip(attns, flags):
         a.store, a.probs = flag, []
+    for m, second in zip(loras, sets):
+        m.use_second = second
     try:
-        yield
+        with ExitStack() as stack:
+            for mode in modes:  # bottom of the stack first
+                stack.enter_context(mode)
+            yield
     finally:
         for a, (flag, probs) in zip(attns, saved):
             a.store, a.probs = flag, probs
+        for m, second in zip(loras, saved_sets):
+            m.use_second = second
 
 
 def run(m: nn.Module, ckpt: bool, *args):
@@ -181,8 +194,11 @@ def run(m: nn.Module, ckpt: bool, *args):
     if not ckpt:
         return m(*args)
     attns = [a for a in m.modules() if isinstance(a, Attention)]
+    loras = [a for a in m.modules() if isinstance(a, LoRALinear)]
+    modes = [f for f in _get_current_function_mode_stack() if not isinstance(f, DeviceContext)]
     # context_fn runs at forward time, so the flags are the forward's: (forward, recompute) contexts
-    ctx = lambda: (nullcontext(), replay(attns, [a.store for a in attns]))
+    ctx = lambda: (nullcontext(), replay(attns, [a.store for a in attns],
+                                         loras, [a.use_second for a in loras], modes))
     return checkpoint(m, *args, use_reentrant=False, context_fn=ctx)
 
 
@@ -370,20 +386,36 @@ class LoRALinear(nn.Linear):
         nn.Module.__init__(self)  # not nn.Linear's: it would allocate and init a new weight
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight, self.bias = base.weight, base.bias
-        # On the base's device (real after a meta + assign load), fp32 whatever the base dtype.
-        kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
-        self.lora_A = nn.Linear(self.in_features, rank, **kw)  # peft's names: diffusers reads them
-        self.lora_B = nn.Linear(rank, self.out_features, **kw)
-        nn.init.normal_(self.lora_A.weight, std=1 / rank)
-        nn.init.zeros_(self.lora_B.weight)  # zero branch: the adapted UNet starts as the base
+        self.lora_A, self.lora_B = lora_pair(base, rank)  # peft's names: diffusers reads them
         self.scale = (alpha or rank) / rank
+        # A second adapter set (A, B) on the same base, used while use_second is True: a shared
+        # discriminator's (comat.SharedDiscriminator owns it; a tuple is not registered here, so
+        # it stays out of this UNet's parameters and state dict).
+        self.second, self.use_second = None, False
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
+        A, B = self.second if self.use_second else (self.lora_A, self.lora_B)
         # The branch runs in the LoRA dtype (fp32 beside a bf16 base) and is added back in the
         # base dtype; under autocast both casts are no-ops next to autocast's own.
-        lora = self.lora_B(self.lora_A(x.to(self.lora_A.weight.dtype)))  # (..., r) -> (..., out)
+        lora = B(A(x.to(A.weight.dtype)))  # (..., r) -> (..., out)
         return y + (self.scale * lora).to(y.dtype)
+
+
+def lora_pair(base: nn.Linear, rank: int) -> tuple[nn.Linear, nn.Linear]:
+    """LoRA's down and up projections (A, B) for `base`: A ~ N(0, 1/r), B = 0, fp32 whatever the
+    base dtype, on the base's device (real after a meta + assign load)."""
+    kw = dict(bias=False, device=base.weight.device, dtype=torch.float32)
+    A, B = nn.Linear(base.in_features, rank, **kw), nn.Linear(rank, base.out_features, **kw)
+    nn.init.normal_(A.weight, std=1 / rank)
+    nn.init.zeros_(B.weight)  # zero branch: the adapted UNet starts as the base
+    return A, B
+
+
+def lora_targets(unet: nn.Module, targets=("to_q", "to_k", "to_v", "to_out.0")) -> list[str]:
+    """Names of the Linears LoRA adapts: `targets` of every Attention (attn1 and attn2)."""
+    return [f"{n}.{t}" for n, m in unet.named_modules() if isinstance(m, Attention)
+            for t in targets]
 
 
 def add_lora(unet: nn.Module, rank: int, targets=("to_q", "to_k", "to_v", "to_out.0"),
@@ -391,8 +423,7 @@ def add_lora(unet: nn.Module, rank: int, targets=("to_q", "to_k", "to_v", "to_ou
     """Freeze the UNet and swap the `targets` Linears of every Attention (attn1 and attn2) for
     LoRALinear in place; only the LoRA weights are trainable. Returns the adapted names."""
     unet.requires_grad_(False)
-    names = [f"{n}.{t}" for n, m in unet.named_modules() if isinstance(m, Attention)
-             for t in targets]
+    names = lora_targets(unet, targets)
     for name in names:
         base = unet.get_submodule(name)
         assert type(base) is nn.Linear, f"{name} is not a plain nn.Linear (LoRA added twice?)"

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from unet import run  # a block's call, checkpointed or not (the UNet's helper)
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -124,9 +126,9 @@ class UpBlock(nn.Module):
                                      for j in range(n))
         self.upsamplers = nn.ModuleList([Upsample(c_out)] if up else [])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for m in [*self.resnets, *self.upsamplers]:
-            x = m(x)
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        for m in [*self.resnets, *self.upsamplers]:  # ckpt: each one recomputed in backward
+            x = run(m, ckpt, x)
         return x
 
 
@@ -137,10 +139,10 @@ class MidBlock(nn.Module):
         self.resnets = nn.ModuleList([ResBlock(c, c, groups), ResBlock(c, c, groups)])
         self.attentions = nn.ModuleList([Attention(c, groups)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.resnets[0](x)
-        x = self.attentions[0](x)
-        return self.resnets[1](x)
+    def forward(self, x: torch.Tensor, ckpt: bool = False) -> torch.Tensor:
+        x = run(self.resnets[0], ckpt, x)
+        x = run(self.attentions[0], ckpt, x)
+        return run(self.resnets[1], ckpt, x)
 
 
 # diffusers: models/autoencoders/vae.py Encoder (double_z: outputs mean and logvar channels)
@@ -176,11 +178,15 @@ class Decoder(nn.Module):
             UpBlock(ch[max(i - 1, 0)], ch[i], cfg.n_res + 1, g, i < n - 1) for i in range(n))
         self.conv_norm_out = group_norm(g, ch[-1])
         self.conv_out = nn.Conv2d(ch[-1], cfg.in_channels, 3, padding=1)
+        # read in forward, acts only while grad is enabled: training's decode keeps the graph,
+        # and at 512 px its full-resolution activations are the step's largest (docs/performance)
+        self.gradient_checkpointing = False
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.mid_block(self.conv_in(z))
+        ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        x = self.mid_block(self.conv_in(z), ckpt)
         for block in self.up_blocks:
-            x = block(x)
+            x = block(x, ckpt)
         return self.conv_out(F.silu(self.conv_norm_out(x)))  # (B, 3, H, W)
 
 

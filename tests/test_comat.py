@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch.autograd import gradcheck
 
 import comat
+import train
 import unet as U
 
 D64 = torch.float64
@@ -240,3 +241,43 @@ def test_discriminator_gradients_reach_head_and_lora():
         # lora_B starts at zero, so only it (not lora_A) gets a nonzero gradient at step 0
         assert any(p.grad is not None and p.grad.abs().sum() > 0
                    for n, p in D.named_parameters() if "lora_B" in n)
+
+
+def test_shared_discriminator_is_the_copy_on_one_base():
+    """--disc shared: D on the generator's own frozen UNet with a second LoRA set gives the
+    copied discriminator's logits and gradients, at init and once both sets have moved apart,
+    with gradient checkpointing (whose recomputation runs after the switch back); the
+    generator's set gets no gradient from D."""
+    torch.manual_seed(0)
+    base = U.UNet(U.TINY_SD15).requires_grad_(False)
+    torch.manual_seed(1)
+    copied = comat.Discriminator(train.copy_unet(base))
+    U.add_lora(copied.unet, 4)
+    torch.manual_seed(1)  # the shared D draws what the copy drew, then the generator's set
+    shared = comat.SharedDiscriminator(base, 4)
+    U.add_lora(base, 4)
+    assert not any(k.startswith("shared") or "base" in k for k in shared.state_dict())
+    z, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 5, 32)
+    assert torch.equal(shared(z, 1, ctx), copied(z, 1, ctx))
+    with torch.no_grad():  # both sets trained apart: the generator's, and D's (in both Ds)
+        for name, (A, B) in zip(shared.names, shared.lora):
+            base.get_submodule(name).lora_B.weight.normal_()
+            B.weight.normal_()
+            copied.unet.get_submodule(name).lora_B.weight.copy_(B.weight)
+    assert not torch.allclose(base(z, 1, ctx), copied.unet(z, 1, ctx), atol=1e-3)
+    base.gradient_checkpointing = copied.unet.gradient_checkpointing = True
+    logits = []
+    for D in (shared, copied):
+        x = z.clone().requires_grad_(True)
+        out = D(x, 1, ctx)
+        out.square().sum().backward()
+        grads = [D.head.weight.grad] + [copied.unet.get_submodule(n).lora_B.weight.grad
+                                        if D is copied else B.weight.grad
+                                        for n, (A, B) in zip(shared.names, shared.lora)]
+        logits.append((out, x.grad, grads))
+    (o_s, x_s, g_s), (o_c, x_c, g_c) = logits
+    torch.testing.assert_close(o_s, o_c, rtol=0, atol=0)
+    torch.testing.assert_close(x_s, x_c, rtol=0, atol=0)  # what flows back to the generator
+    for a, b in zip(g_s, g_c):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert all(p.grad is None for p in base.parameters())  # the generator's set: untouched

@@ -5,7 +5,9 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+import torch.nn.functional as F
 from oracle import tiny_blip
+from safetensors.torch import save_file
 from test_train import PROMPTS
 
 import plan
@@ -15,7 +17,7 @@ from unet import TINY_SD15, UNet, add_lora
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_plan_estimate_matches_measured_peak(model, tmp_path):
     (tmp_path / "p.txt").write_text("\n".join(PROMPTS) + "\n")
-    # fp32: CPU has no bf16 antialiased bicubic (the captioner's resize); the bytes scale alike
+    # fp32: the bookkeeping checked without autocast; bf16 bytes scale alike (tested in gpu_check)
     args = ["--model", model, "--prompts", str(tmp_path / "p.txt"), "--size", "64",
             "--captioner", tiny_blip(str(tmp_path / "blip")), "--total_steps", "8",
             "--grad_steps", "2", "--rank", "8", "--batch", "2", "--precision", "fp32"]
@@ -33,7 +35,7 @@ def test_plan_needs_no_weights(tmp_path):
     r = plan.main(["--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--size", "32",
                    "--captioner", tiny_blip(str(tmp_path / "blip")), "--total_steps", "4",
                    "--grad_steps", "2", "--batch", "1", "--out", str(tmp_path / "never")])
-    assert r["peak"] > r["weights"] > 0 and r["flops"] > 0
+    assert r["peak"] > r["weights"] > 0 and r["flops"] > 0 and r["size"] == 32  # as given
     assert not (tmp_path / "never").exists()  # nothing written where the run would write
 
 
@@ -59,3 +61,65 @@ def test_flop_counter_keeps_no_checkpoint_recomputation():
     assert on < 0.7 * off  # checkpointing keeps only block inputs
     # with torch's module tracker: about 2.5 x (one more copy of the K steps' activations)
     assert on < 1.5 * peak(True, False)
+
+
+def test_cuda_rules_keep_norms_and_softmax_in_fp32_through_recomputation():
+    """plan.CudaRules: under CPU autocast, group_norm, layer_norm and softmax give fp32 (CUDA
+    autocast's rule; the CPU's gives bf16) while convolutions stay bf16, also in the
+    recomputation of a checkpointed block in backward (else torch's checkpoint would refuse the
+    recomputed dtypes); the gradient is the one without checkpointing."""
+    x = torch.randn(2, 8, 4, 4, dtype=torch.bfloat16)  # an activation from a bf16 matmul
+    with torch.autocast("cpu", torch.bfloat16):
+        assert F.group_norm(x, 4).dtype == torch.bfloat16  # the CPU's own rule
+        with plan.CudaRules():
+            assert F.group_norm(x, 4).dtype == torch.float32
+            assert F.layer_norm(x, (4,)).dtype == torch.float32
+            assert x.softmax(-1).dtype == F.softmax(x, -1).dtype == torch.float32
+            assert F.conv2d(x, torch.randn(8, 8, 1, 1)).dtype == torch.bfloat16
+    torch.manual_seed(0)
+    unet = UNet(TINY_SD15).requires_grad_(False)
+    add_lora(unet, 4)
+    z, ctx = torch.randn(1, 4, 16, 16), torch.randn(1, 77, TINY_SD15.ctx_dim)
+    grads = []
+    for ckpt in (False, True):
+        unet.gradient_checkpointing = ckpt
+        with plan.CudaRules(), torch.autocast("cpu", torch.bfloat16):
+            out = unet(z, 10, ctx)
+        out.float().square().mean().backward()
+        grads.append([p.grad.clone() for p in unet.parameters() if p.requires_grad])
+        unet.zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_plan_under_cuda_rules_and_its_defaults(tmp_path):
+    """The plan applies CUDA's autocast rules (more bytes than the CPU's: fp32 norm and softmax
+    outputs), labels GiB, and plans a tiny preset at its own 64 px unless --size is given."""
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    args = ["--model", "tiny", "--prompts", str(tmp_path / "p.txt"), "--captioner",
+            tiny_blip(str(tmp_path / "blip")), "--total_steps", "2", "--grad_steps", "1",
+            "--batch", "1", "--rank", "4"]
+    cuda, cpu = plan.main(args), plan.main(args + ["--rules", "cpu"])
+    assert cuda["rules"] == "cuda" and cpu["rules"] == "cpu" and cuda["size"] == 64
+    assert cuda["weights"] == cpu["weights"] and cuda["activations"] > 1.2 * cpu["activations"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--model", "nosuch"], "error: --model: nosuch: no such model folder"),
+    (["--model", "EMPTY"], "error: --model: .*missing"),
+    (["--model", "FILE"], "error: --model .*needs a preset .* or a diffusers folder"),
+    (["--batch", "0"], "error: --batch must be at least 1, got 0"),
+    (["--batch", "-2"], "error: --batch must be at least 1, got -2"),
+    (["--captioner", "MISSING"], "error: --captioner .*: no such folder"),
+    (["--model", "sdxl", "--real", "--size", "100"], "error: --size must be a multiple of 8"),
+])
+def test_plan_bad_inputs_are_one_line_errors(tmp_path, extra, message):
+    """Each bad input stops before a model is built (--real SDXL would take ~20 GB first)."""
+    (tmp_path / "p.txt").write_text("a red cat\n")
+    (tmp_path / "empty").mkdir()
+    save_file({"model.diffusion_model.x": torch.zeros(1)}, tmp_path / "one.safetensors")
+    paths = {"EMPTY": tmp_path / "empty", "FILE": tmp_path / "one.safetensors",
+             "MISSING": tmp_path / "no-blip"}
+    extra = [str(paths.get(a, a)) for a in extra]
+    with pytest.raises(SystemExit, match=message):
+        plan.main(["--prompts", str(tmp_path / "p.txt"), "--model", "tiny", *extra])

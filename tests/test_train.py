@@ -1,5 +1,7 @@
 """train.py end to end on tiny random models (BLIP, Grounding-DINO, SAM, UNet): checkpoints that
 sample.py loads, exact resume, two processes = one with the combined batch, and bad input."""
+import json
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from safetensors.torch import load_file
 
 import sample
 import train
+from captioner import load_captioner
 from unet import merge_lora
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -208,3 +211,47 @@ def test_wrong_captioner_folder_and_unwritable_out(world, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(SystemExit, match=f"^error: cannot write {tmp_path}/file/o/log.jsonl"):
         run(world, tmp_path / "file" / "o")
+
+
+def test_bf16_step_runs_on_the_cpu(world, tmp_path):
+    """A bf16 step end to end (autocast, bf16 frozen models, fp32 LoRA), as on a GPU: the
+    captioner's antialiased bicubic resize has no bf16 CPU kernel and runs in fp32."""
+    lora = run(world, tmp_path / "bf", "--precision", "bf16", "--steps", "1")
+    assert all(v.dtype == torch.float32 for v in lora.values())  # LoRA weights stay fp32
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+    row = json.loads((tmp_path / "bf" / "log.jsonl").read_text().splitlines()[0])
+    assert all(math.isfinite(row[k]) for k in ("loss", "cap", "adv", "d", "grad_norm"))
+
+
+def test_shared_discriminator_trains_as_the_copy_and_resumes_exactly(world, tmp_path):
+    """--disc shared (one frozen base, a second LoRA set for D) follows the copied
+    discriminator's run bit for bit, and resumes exactly."""
+    copied = run(world, tmp_path / "copy", "--steps", "2", "--every", "2")
+    run(world, tmp_path / "shared", "--steps", "1", "--every", "1", "--disc", "shared")
+    shared = run(world, tmp_path / "shared", "--steps", "2", "--every", "2", "--disc", "shared",
+                 "--resume")
+    assert copied.keys() == shared.keys()
+    assert all(torch.equal(copied[k], shared[k]) for k in copied)
+    dc, ds = (load_file(tmp_path / r / "ckpt-2" / "disc.safetensors") for r in ("copy", "shared"))
+    assert set(ds) == {"head.weight", "head.bias"} | {k for k in ds if k.startswith("lora.")}
+    assert sum(v.numel() for v in ds.values()) < sum(v.numel() for v in dc.values()) / 2
+    assert torch.equal(dc["head.weight"], ds["head.weight"])
+    with pytest.raises(SystemExit, match="--disc shared needs LoRA training"):
+        run(world, tmp_path / "full", "--disc", "shared", "--rank", "0", "--steps", "1")
+
+
+def test_shared_discriminator_and_generator_steps_change_only_their_own_weights(world):
+    """With one optimiser's lr at 0 (AdamW then changes nothing), the other's step leaves its
+    weights exactly as they were: the generator's step touches no discriminator weight and the
+    discriminator's step none of the generator's, though both live on one UNet."""
+    cfg = train.parse(world["args"] + ["--disc", "shared"])
+    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner),
+                    train.segmenter(cfg, "cpu"), PROMPTS, "cpu", torch.float32)
+    real = torch.randn(len(PROMPTS), *r.lat_shape)
+    for step, (lr, lr_d) in enumerate(((1e-3, 0.0), (0.0, 1e-3))):  # step 1: the sets differ
+        r.opt.param_groups[0]["lr"], r.opt_d.param_groups[0]["lr"] = lr, lr_d
+        g0, d0 = ([p.detach().clone() for p in ps] for ps in (r.params, r.d_params))
+        train.update(r, train.losses(r, [0, 1], step), real, [0, 1])
+        g_moved = any(not torch.equal(a, p) for a, p in zip(g0, r.params))
+        d_moved = any(not torch.equal(a, p) for a, p in zip(d0, r.d_params))
+        assert (g_moved, d_moved) == (lr > 0, lr_d > 0)
