@@ -257,8 +257,8 @@ def main(argv=None):
         captioner = tiny_blip(tempfile.mkdtemp(prefix="gpu-check-blip-"))
         unets = [("tiny-sdxl", U.TINY_SDXL, 8)]
         steps = [("tiny-sdxl 64 px, batch 1", ["--model", "tiny-sdxl", "--size", "64",
-                                               "--batch", "1", *common, "--total_steps", "3",
-                                               "--grad_steps", "2"], 2)]
+                                               "--batch", "1", *common, "--total_steps", "2",
+                                               "--grad_steps", "1"], 2)]
     else:
         captioner = ""  # BLIP-large's architecture, random weights
         t = ["--total_steps", "10"] if a.quick else []

@@ -16,7 +16,7 @@ from toy import world as tw
 from unet import UNet
 from vae import VAE
 
-FEW = dict(vae=1, unet=2, more=2, captioner=2, vqa=2)
+FEW = dict(vae=1, unet=2, more=2, captioner=1, vqa=1)
 
 
 @pytest.fixture(scope="module")

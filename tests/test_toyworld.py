@@ -199,12 +199,24 @@ def test_evaluate_perfect_and_blank_generators():
     cats = ("one", "two", "spatial")
     assert tw.evaluate(perfect, [0, 1]) == {
         "one": 1.0, "two": 1.0, "spatial": 1.0, "overall": 1.0, "fidelity": 1.0, "missing": 0.0,
-        **{f"{c}_pairs": 1.0 for c in cats}, **{f"{c}_extra": 0.0 for c in cats}}
+        **{f"{c}_{k}": 1.0 for c in cats for k in ("pairs", "binding")},
+        **{f"{c}_extra": 0.0 for c in cats}}
     assert tw.evaluate(blank, [0]) == {
         "one": 0.0, "two": 0.0, "spatial": 0.0, "overall": 0.0, "fidelity": 0.0, "missing": 1.0,
-        **{f"{c}_pairs": 0.0 for c in cats}, **{f"{c}_extra": 0.0 for c in cats}}
+        **{f"{c}_{k}": 0.0 for c in cats for k in ("pairs", "binding", "extra")}}
     r = tw.evaluate(plus_one, [0])  # binding intact, every image wrong by its extra shape
-    assert all(r[c] == 0.0 and r[f"{c}_pairs"] == 1.0 and r[f"{c}_extra"] == 1.0 for c in cats)
+    assert all(r[c] == 0.0 and r[f"{c}_pairs"] == r[f"{c}_binding"] == r[f"{c}_extra"] == 1.0
+               for c in cats)
+    flip = {"to the left of": "to the right of", "to the right of": "to the left of",
+            "above": "below", "below": "above"}
+
+    def flipped(prompts, seed):  # the asked-for objects, the relation the other way round
+        rng = np.random.default_rng(seed)
+        specs = [tw.parse_prompt(p) for p in prompts]
+        return tw.to_float(np.stack([tw.render(tw.place(
+            s._replace(relation=flip.get(s.relation)), rng)) for s in specs]))
+    r = tw.evaluate(flipped, [0], {"spatial": tw.EVAL_PROMPTS["spatial"]})
+    assert r["spatial"] == r["spatial_binding"] == 0.0 and r["spatial_pairs"] == 1.0
     # uint8 <-> float conversion is exact
     img = tw.render(scenes(6, 1)[0])
     assert (tw.to_uint8(tw.to_float(img[None]))[0] == img).all()

@@ -329,6 +329,28 @@ def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: in
     return (x + delta).clamp(0, 1).detach()
 
 
+def ascend_latent(cap: Captioner, vae: VAE, z: torch.Tensor, prompts: list, eps: float,
+                  steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Projected gradient ascent of caption_logprob(prompts) on the decoded image of latents z
+    (B, 4, 16, 16), scaled as the UNet's: the space CoMat's gradient reaches, where a change must
+    pass through the decoder. Each latent's perturbation is kept within RMS eps x its own RMS;
+    normalised steps of 2.5 eps / steps of it. Returns the latents and their decoded images
+    (B, 3, 64, 64) in [0, 1]. No weight gets a gradient."""
+    size = z.pow(2).mean((1, 2, 3), keepdim=True).sqrt() * eps  # (B, 1, 1, 1) budget
+    decode = lambda z: (vae.decode(z / vae.cfg.scale) / 2 + 0.5).clamp(0, 1)  # noqa: E731
+    delta = torch.zeros_like(z)
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        lp = caption_logprob(cap, decode(z + delta), prompts).sum()
+        grad, = torch.autograd.grad(lp, delta)
+        rms = grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
+        delta = delta.detach() + 2.5 / steps * size * grad / rms
+        norm = delta.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
+        delta = delta * (size / torch.maximum(norm, size))  # onto the RMS ball
+    with torch.no_grad():
+        return z + delta, decode(z + delta)
+
+
 def base_samples(folder: str, n: int, seed: int) -> tuple[np.ndarray, list]:
     """n samples (n, 64, 64, 3) uint8 of the base model saved in `folder`, on training prompts
     (train_scene), drawn as CoMat's training draws them (DDIM GEN_STEPS, CFG 7.5), and their

@@ -337,25 +337,29 @@ def evaluate(generate_fn, seeds, prompts: dict = EVAL_PROMPTS) -> dict[str, floa
     of the categories, each counting equally), fidelity (share of clean images) and missing
     (share of two-object and spatial images with fewer than two shapes). Strict accuracy mixes
     two things, so each category also gets them apart: {cat}_pairs, the share of images in which
-    every asked-for (colour, shape) pair is drawn, extra shapes and the relation ignored (binding),
-    and {cat}_extra, the share with a shape more than the prompt asks for.
+    every asked-for (colour, shape) pair is drawn, extra shapes and the relation ignored;
+    {cat}_binding, the same with the relation holding (binding: right colours on the right shapes
+    in the right places, extra shapes ignored); and {cat}_extra, the share with a shape more than
+    the prompt asks for.
     generate_fn(prompts, seed) -> images (B, 3, 64, 64) in [0, 1]; prompts: {category: list}."""
     out, cleans, missing = {}, [], []
     bar = tqdm(total=len(prompts) * len(seeds), desc="eval", leave=False)
     for cat, texts in prompts.items():
-        hits, pairs, extra = [], [], []
+        hits, pairs, bound, extra = [], [], [], []
         for seed in seeds:
             bar.update()
             for img, p in zip(to_uint8(generate_fn(texts, seed)), texts):
                 r = score(img, p)
                 hits.append(r["correct"])
                 pairs.append(r["objects_ok"])
+                bound.append(r["objects_ok"] and r["relation_ok"] is not False)
                 extra.append(r["extra"])
                 cleans.append(r["clean"])
                 if cat != "one":
                     missing.append(r["n"] < 2)
         out[cat] = float(np.mean(hits))
         out[f"{cat}_pairs"], out[f"{cat}_extra"] = float(np.mean(pairs)), float(np.mean(extra))
+        out[f"{cat}_binding"] = float(np.mean(bound))
     out["overall"] = float(np.mean([out[c] for c in prompts]))
     out["fidelity"] = float(np.mean(cleans))
     out["missing"] = float(np.mean(missing))

@@ -27,7 +27,8 @@ ROWS = {  # name: (table label, train.py flags switching terms off; None = no tr
     "full": ("+ fidelity preservation (full)", []),
 }
 COLUMNS = ("one", "two", "spatial", "overall", "fidelity", "missing",
-           "two_pairs", "spatial_pairs", "two_extra", "spatial_extra")
+           "two_pairs", "spatial_pairs", "two_binding", "spatial_binding", "two_extra",
+           "spatial_extra")
 
 
 def run_row(name, seed, a) -> dict:
@@ -43,7 +44,7 @@ def run_row(name, seed, a) -> dict:
         toy_eval.main(["--seeds", str(a.seeds), "--split", a.split, "--out", scores]
                       + (["--lora", lora] if lora else []))
     out = json.load(open(scores))
-    if "two_pairs" not in out:  # scored before the binding columns: score again
+    if "spatial_binding" not in out:  # scored before the binding columns: score again
         os.remove(scores)
         return run_row(name, seed, a)
     return out

@@ -9,11 +9,14 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
 (d) binding: on clean two-object renders (two colours, two shapes), the true prompt vs the
     same prompt with the two colours swapped; and a render with an extra copy of one of its
     shapes vs the clean render.
-(e) the same reward on the base model's own samples (on_samples).
+(e) the same reward on the base model's own samples (on_samples);
+(f) in the space the generator reaches (reachable): ascent on the VAE latent of a clean render
+    through the decoder towards a recoloured, colour-swapped or relation-flipped prompt; does the
+    captioner prefer the target only where the evaluator reads it?
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
 Usage: python -m toy.bench.reward --captioners OLD_FOLDER,toy/model/captioner [--n 16]
-       [--out runs/reward] [--only-samples]
+       [--out runs/reward] [--only-samples | --only-reach]
 """
 import argparse
 import json
@@ -96,6 +99,73 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
     return out, torch.cat([x] + shown)
 
 
+FLIP = {"to the left of": "to the right of", "to the right of": "to the left of",
+        "above": "below", "below": "above"}
+REACH_BUDGETS, REACH_STEPS = (0.1, 0.3, 1.0), 10  # latent RMS budgets (x the latent's RMS)
+
+
+def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
+    """(f) The reward where the generator can move an image: ascent on the toy VAE latent of a
+    clean render (build.ascend_latent, through the decoder, as CoMat's gradient goes) towards a
+    target prompt, per budget; n scenes per target: one object recoloured (the next palette
+    colour), two objects (two colours, two shapes) with the colours swapped, and spatial pairs
+    with the relation flipped. Per target and budget: the decoded image's RMS change, on how
+    many images the evaluator reads the target (its objects, and its relation), how often the
+    captioner prefers the target to the truth, and how often it does so while the evaluator does
+    not read the target (dishonest: the reward pays for something that is not there)."""
+    rng = np.random.default_rng(seed)
+    after = dict(zip(tw.COLOURS, list(tw.COLOURS)[1:] + list(tw.COLOURS)[:1]))
+    one, two, spatial = [], [], []
+    while min(len(one), len(two), len(spatial)) < n:
+        s = tw.sample_scene(rng, ("one", "two", "spatial")[int(rng.integers(3))])
+        a, b = s.objects[0], s.objects[-1]
+        if len(s.objects) == 1:
+            one.append(s)
+        elif a.colour != b.colour and a.shape != b.shape:  # else a swap says the same thing
+            (spatial if s.relation else two).append(s)
+    recolour = [s._replace(objects=(o._replace(colour=after[o.colour]),))
+                for s in one[:n] for o in s.objects]
+    targets = {"recolour": (one[:n], [tw.prompt(s) for s in recolour]),
+               "swap": (two[:n], [tb.swap_colours(tw.prompt(s)) for s in two[:n]]),
+               "swap_spatial": (spatial[:n], [tb.swap_colours(tw.prompt(s)) for s in spatial[:n]]),
+               "flip_relation": (spatial[:n], [tw.prompt(s._replace(relation=FLIP[s.relation]))
+                                               for s in spatial[:n]])}
+    lp = lambda x, texts: caption_logprob(cap, x, texts).detach()  # noqa: E731
+    out = {}
+    for name, (scenes, target) in targets.items():
+        true = [tw.prompt(s) for s in scenes]
+        with torch.no_grad():
+            z = pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale  # (n, 4, 16, 16)
+        for eps in (0.0, *REACH_BUDGETS):
+            z2, img = tb.ascend_latent(cap, pipe.vae, z, target, eps, REACH_STEPS if eps else 0)
+            if not eps:
+                clean = img
+            reads = np.array([(lambda r: r["objects_ok"] and r["relation_ok"] is not False)(
+                tw.score(im, t)) for im, t in zip(tw.to_uint8(img), target)])
+            prefers = (lp(img, target) > lp(img, true)).numpy()
+            key = f"{name}_{eps:g}"
+            out[key + "_pixel_rms"] = float((img - clean).pow(2).mean((1, 2, 3)).sqrt().mean())
+            out[key + "_reads"] = float(reads.mean())
+            out[key + "_prefers"] = float(prefers.mean())
+            out[key + "_dishonest"] = float((prefers & ~reads).mean())
+    return out
+
+
+def reach_table(results: dict) -> list[str]:
+    """Markdown rows of (f): per captioner, target and budget."""
+    lines = ["| captioner | target | latent budget | pixel RMS change | evaluator reads the "
+             "target | captioner prefers the target | ... while the evaluator does not |",
+             "|---|---|---|---|---|---|---|"]
+    for f, r in results.items():
+        for name in ("recolour", "swap", "swap_spatial", "flip_relation"):
+            for eps in (0.0, *REACH_BUDGETS):
+                k = f"{name}_{eps:g}"
+                lines.append(f"| {os.path.basename(f.rstrip('/'))} | {name} | {eps:g} | "
+                             f"{r[k + '_pixel_rms']:.3f} | {r[k + '_reads']:.0%} | "
+                             f"{r[k + '_prefers']:.0%} | {r[k + '_dishonest']:.0%} |")
+    return lines
+
+
 def on_samples(cap, pipe) -> dict:
     """(e) The reward on the generator's own images (the base model `pipe`): the 18 one-object
     prompts at seeds 0 and 1, asked-for shape vs the same colour with the next shape; the first 48
@@ -136,12 +206,20 @@ def main():
     ap.add_argument("--n", type=int, default=16, help="scenes per measurement")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "reward"))
     ap.add_argument("--only-samples", action="store_true", help="print (e) only")
+    ap.add_argument("--only-reach", action="store_true", help="(f) only: writes reach.md")
     a = ap.parse_args()
     torch.manual_seed(0)
     os.makedirs(a.out, exist_ok=True)
     folders = a.captioners.split(",")
     results, rows = {}, []
     pipe = weights.load(toy.MODEL)
+    if a.only_reach:
+        reach = {f: reachable(load_captioner(f), pipe, a.n) for f in folders}
+        lines = reach_table(reach)
+        print("\n".join(lines))
+        with open(os.path.join(a.out, "reach.md"), "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        return
     for f in folders:
         cap = load_captioner(f)
         if a.only_samples:  # (e) alone: a minute, no ascents
@@ -150,6 +228,7 @@ def main():
             continue
         res, imgs = measure(cap, a.n)
         res.update(on_samples(cap, pipe))
+        res.update(reachable(cap, pipe, a.n))
         results[f] = res
         rows.append(imgs[a.n:] if rows else imgs)  # the clean renders once, then the ascents
         print(f, json.dumps({k: round(v, 3) for k, v in res.items()}))
@@ -161,6 +240,7 @@ def main():
     print("\n".join(lines))
     with open(os.path.join(a.out, "reward.json"), "w") as fh:
         json.dump(results, fh, indent=1)
+    lines += ["", *reach_table(results)]
     with open(os.path.join(a.out, "reward.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     k = min(a.n, 8)  # first k scenes: clean, then per captioner small and large budget
