@@ -26,6 +26,7 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -67,6 +68,7 @@ class TrainConfig:
     w_tok: float = 1e-3           # token-level attention loss
     w_pix: float = 5e-5           # pixel-level attention loss
     w_adv: float = 1.0            # adversarial term (official SDXL 0.5)
+    w_obj: float = 0.0            # per-object concept matching (not in the paper; 0 = off)
     smoothing: float = 0.1        # BLIP label smoothing (what official transformers 4.31 applied)
     disc: str = "copy"            # D's UNet: copy (own, official) | shared (base + 2nd LoRA set)
     real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
@@ -271,6 +273,7 @@ class Losses(NamedTuple):
     tok: torch.Tensor
     pix: torch.Tensor
     adv: torch.Tensor
+    obj: torch.Tensor     # (B,) per-object concept matching (zeros when w_obj = 0)
     z: torch.Tensor       # (B, C, h, w) generated latents, with graph
     img: torch.Tensor     # (B, 3, H, W) decoded images, with graph
     maps: list            # per (stored step, block): attention maps, for the heat-maps
@@ -308,10 +311,13 @@ def losses(run, idx, step) -> Losses:
             p.requires_grad_(False)
         adv = comat.g_loss(disc(run, z)) if cfg.w_adv else torch.zeros(len(idx), device=run.device)
     # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
-    tok = pix = torch.zeros(len(idx), device=run.device)
+    tok = pix = obj = torch.zeros(len(idx), device=run.device)
     if run.seg and any(objs):
         masks, found = run.seg(img.detach().float().clamp(0, 1), [[o.noun for o in ob]
                                                                   for ob in objs])
+        if cfg.w_obj:  # 5b. each found object alone, read as its own phrase
+            with autocast(run):
+                obj = object_loss(run, img, objs, masks, found)
         T = run.pipe.tokenizers[0].model_max_length
         tokens = comat.object_tokens(objs, T=T).to(run.device)
         for group in maps:
@@ -319,8 +325,33 @@ def losses(run, idx, step) -> Losses:
                                             cond_half=cfg.cfg > 1)
             tok, pix = tok + t_l, pix + p_l
     loss = (cfg.w_cap * cap.float() + cfg.w_tok * tok + cfg.w_pix * pix
-            + cfg.w_adv * adv.float()).mean()
-    return Losses(loss, cap, tok, pix, adv, z, img, maps, prompts, objs, x_T, g)
+            + cfg.w_adv * adv.float() + cfg.w_obj * obj.float()).mean()
+    return Losses(loss, cap, tok, pix, adv, obj, z, img, maps, prompts, objs, x_T, g)
+
+
+def object_loss(run, img, objs, masks, found):
+    """Per-object concept matching (not in the paper; --w_obj): each found object's pixels, its
+    mask grown by 2 px, on white, scored by the captioner as the object's own phrase ("a red
+    circle"). The whole-image caption mixes the objects' colours in one likelihood, which faint
+    tints can buy (docs/toy-world.md, "Binding in the reachable space"); alone, an object is read
+    as what it is. Returns (B,): minus the mean log-likelihood over a sample's found objects
+    (0 where none is found). img (B, 3, H, W) with graph; masks (B, K, H, W); found (B, K)."""
+    grown = F.max_pool2d(masks.float(), 5, 1, 2).to(img.dtype)  # (B, K, H, W), no gradient
+    pics, texts, owner = [], [], []
+    for b, ob in enumerate(objs):
+        for k, o in enumerate(ob):
+            if found[b, k]:
+                m = grown[b, k][None]  # (1, H, W)
+                pics.append(img[b] * m + (1 - m))
+                texts.append("a " + " ".join(o.words))
+                owner.append(b)
+    out = torch.zeros(len(objs), device=img.device)
+    if pics:
+        lp = caption_logprob(run.cap, torch.stack(pics), texts, smoothing=run.cfg.smoothing)
+        who = torch.tensor(owner, device=img.device)
+        n = torch.zeros(len(objs), device=img.device).index_add_(0, who, torch.ones_like(lp))
+        out = -torch.zeros_like(out).index_add_(0, who, lp.float()) / n.clamp_min(1)
+    return out
 
 
 def update(run, out: Losses, real, idx):
@@ -467,7 +498,8 @@ def train(cfg: TrainConfig):
         # 8. log, pictures, checkpoint (rank 0 only)
         row = {"step": step + 1, "loss": out.loss.item(), "cap": out.cap.mean().item(),
                "tok": out.tok.mean().item(), "pix": out.pix.mean().item(),
-               "adv": out.adv.mean().item(), "d": d_l.item(), "grad_norm": gnorm.item(),
+               "adv": out.adv.mean().item(), "obj": out.obj.mean().item(), "d": d_l.item(),
+               "grad_norm": gnorm.item(),
                "sec": round(time.time() - t0, 3)}
         log_rows.append(row)
         log.write(json.dumps(row) + "\n")
@@ -507,7 +539,8 @@ def pictures(cfg, pipe, prompts, rows, out: Losses, step):
     """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
     viz.labelled_grid([(f"step {step}", grid(cfg, pipe, prompts))], prompts,
                       os.path.join(cfg.out, f"samples-{step:06d}.png"))
-    viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"))
+    terms = ("loss", "cap", "tok", "pix", "adv", *(("obj",) if cfg.w_obj else ()), "d")
+    viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"), terms)
     maps, objs = [m for group in out.maps for m in group], out.objs[0]
     if maps and objs:
         tokens = comat.object_tokens([objs], T=maps[0].shape[-1])[0]

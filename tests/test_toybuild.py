@@ -145,6 +145,59 @@ def test_ascent_stays_in_budget_and_raises_the_target():
     assert all(p.grad is None for p in cap.model.parameters())  # the weights are untouched
 
 
+def test_latent_ascent_stays_in_budget_and_raises_the_target():
+    """build.ascend_latent: the probe's and the captioner's attack where CoMat's gradient goes
+    (the VAE latent, through the decoder), within eps x each latent's RMS."""
+    cap, vae = captioner.load_captioner(toy.CAPTIONER), weights.load(toy.MODEL).vae
+    rng = np.random.default_rng(0)
+    two = [s for s in (tw.sample_scene(rng, "two") for _ in range(20))
+           if tb.swap_colours(tw.prompt(s))][:3]
+    with torch.no_grad():
+        z = vae.encode(tb.images(two))[0] * vae.cfg.scale
+    target = [tb.swap_colours(tw.prompt(s)) for s in two]
+    z2, img = tb.ascend_latent(cap, vae, z, target, eps=0.3, steps=3)
+    budget = 0.3 * z.pow(2).mean((1, 2, 3)).sqrt()
+    assert ((z2 - z).pow(2).mean((1, 2, 3)).sqrt() <= budget + 1e-5).all()
+    assert img.shape == (3, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
+    _, clean = tb.ascend_latent(cap, vae, z, target, eps=0.0, steps=0)
+    before, after = (captioner.caption_logprob(cap, x, target) for x in (clean, img))
+    assert (after > before).all()
+    assert all(p.grad is None for p in [*cap.model.parameters(), *vae.parameters()])
+
+
+def test_captioner_trains_on_latent_ascents_when_asked(monkeypatch, tmp_path):
+    """The reachable-space lever (LAT_N > 0): one step from the shipped captioner runs the latent
+    ascents and the relation hinge, and moves the weights; the VAE gets no gradient."""
+    monkeypatch.setattr(tb, "LAT_N", 4)
+    monkeypatch.setattr(tb, "BATCH", {**tb.BATCH, "captioner": 12})
+    vae = weights.load(toy.MODEL).vae.float().requires_grad_(False)
+    init = captioner.load_captioner(toy.CAPTIONER)
+    before = {k: v.float().clone() for k, v in init.model.state_dict().items()}
+    model = tb.train_captioner(init.tokenizer, 1, 0, None, vae, init=init.model, lr=1e-3)
+    after = model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(v).all() for v in after.values())
+    assert all(p.grad is None for p in vae.parameters())
+
+
+def test_relation_flips_and_what_the_evaluator_reads():
+    assert (tb.flip_relation("a red circle to the left of a blue square")
+            == "a red circle to the right of a blue square")
+    assert tb.flip_relation("a red circle below a blue square with noise") == \
+        "a red circle above a blue square with noise"
+    for text in ["a red circle and a blue square", "a red circle above a red circle"]:
+        assert tb.flip_relation(text) is None, text  # no relation, or the same either way
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        scene = tw.sample_scene(rng, "spatial")
+        img, text = tw.render(scene), tw.prompt(scene)
+        assert tb.reads_as(img, text) and not tb.reads_as(img, text + " with noise")
+        for wrong in (tb.flip_relation(text), tb.swap_colours(text)):
+            assert wrong is None or not tb.reads_as(img, wrong), wrong
+        a, b = text.split(f" {scene.relation} ")
+        assert tb.reads_as(img, f"{b} and {a}")  # objects in any order, no relation asked
+
+
 def test_captioner_batches_are_captioned_with_what_is_there():
     rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
     scene = tw.Scene((tw.Obj("cyan", "circle", 32, 32, 20),))

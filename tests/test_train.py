@@ -255,3 +255,35 @@ def test_shared_discriminator_and_generator_steps_change_only_their_own_weights(
         g_moved = any(not torch.equal(a, p) for a, p in zip(g0, r.params))
         d_moved = any(not torch.equal(a, p) for a, p in zip(d0, r.d_params))
         assert (g_moved, d_moved) == (lr > 0, lr_d > 0)
+
+
+def test_object_loss_reads_each_found_object_alone(tmp_path):
+    """--w_obj: each found object's pixels (mask grown by 2 px) on white, scored as its phrase;
+    the gradient reaches only those pixels, and a sample without a found object scores 0."""
+    from types import SimpleNamespace
+
+    from segment import Obj
+    cap = load_captioner(tiny_blip(str(tmp_path / "blip")))
+    run = SimpleNamespace(cap=cap, cfg=train.TrainConfig())
+    img = torch.rand(2, 3, 32, 32, requires_grad=True)
+    masks = torch.zeros(2, 2, 32, 32, dtype=torch.bool)
+    masks[0, 0, 4:10, 4:10] = masks[0, 1, 20:26, 20:26] = True
+    found = torch.tensor([[True, True], [False, False]])
+    objs = [[Obj("circle", ("red", "circle"), (2, 3)), Obj("square", ("blue", "square"), (6, 7))],
+            [Obj("cat", ("cat",), (2,))]]
+    out = train.object_loss(run, img, objs, masks, found)
+    assert out.shape == (2,) and out[0] > 0 and out[1] == 0
+    out.sum().backward()
+    reach = torch.zeros(32, 32, dtype=torch.bool)
+    reach[2:12, 2:12] = reach[18:28, 18:28] = True  # the masks grown by 2 px
+    g = img.grad.abs().sum(1)  # (2, H, W)
+    assert (g[0][~reach] == 0).all() and (g[0][reach] > 0).float().mean() > 0.9
+    assert (g[1] == 0).all()
+    # the mean over a sample's objects: the first object alone scores what the pair's first term is
+    one = train.object_loss(run, img.detach(), [objs[0][:1], []], masks[:, :1], found[:, :1])
+    from captioner import caption_logprob
+    m = torch.nn.functional.max_pool2d(masks[0, :1].float(), 5, 1, 2)
+    alone = img.detach()[0] * m + (1 - m)
+    expect = -caption_logprob(cap, alone[None], ["a red circle"],
+                              smoothing=run.cfg.smoothing)
+    torch.testing.assert_close(one[:1], expect)

@@ -97,6 +97,16 @@ GEN_P, GEN_POOL, GEN_STEPS = 0.25, 2048, 20
 # so 1 nat per token asks for certainty; at 1 the captioner binds as well but is a weak reward
 # (two-object +4.9 against +18.1 at 0.2; docs/toy-world.md)
 SWAP_MARGIN = 0.2
+# captioner, binding in the space CoMat's gradient reaches (issue: the reward paid for faint tints
+# that mix two objects' colours, never for the swapped scene): LAT_N two-object images of each
+# batch are encoded by the toy VAE, pushed by ascend_latent towards their colour swap (or, for a
+# spatial caption, half the time its relation flipped) within LAT_EPS x the latent's RMS (drawn
+# per batch up to it) in LAT_STEPS steps, decoded, and trained on what the evaluator reads there;
+# where it still reads the true scene, the true caption must beat the target by SWAP_MARGIN. Clean
+# spatial pictures: the true relation beats the flipped one by REL_MARGIN. Off (LAT_N = 0) in the
+# shipped build: a captioner built with it (8, 0.5, 2) bound no better in the reachable space and
+# read relations no better (docs/toy-world.md, "Binding in the reachable space").
+LAT_N, LAT_EPS, LAT_STEPS, REL_MARGIN = 0, 0.5, 2, 0.2
 
 
 def train_scene(rng: np.random.Generator) -> tw.Scene:
@@ -298,6 +308,34 @@ def swap_colours(text: str) -> str | None:
     return " ".join(w)
 
 
+FLIP = {"to the left of": "to the right of", "to the right of": "to the left of",
+        "above": "below", "below": "above"}
+
+
+def reads_as(img: np.ndarray, caption: str) -> bool:
+    """Does the evaluator read (64, 64, 3) uint8 `img` as `caption` (a captioner caption: objects
+    joined by "and" or one relation, maybe "with noise"): the same objects, noise, relation?"""
+    text = caption.removesuffix(" with noise")
+    rel = next((r for r in FLIP if f" {r} " in text), None)
+    objs = sorted(text.split(f" {rel} " if rel else " and "))
+    read = tw.describe(img)
+    if sorted(read.removesuffix(" with noise").split(" and ")) != objs:
+        return False
+    if read.endswith("noise") != caption.endswith("noise"):
+        return False
+    return rel is None or tw.score(img, text)["relation_ok"] is True
+
+
+def flip_relation(text: str) -> str | None:
+    """A spatial caption with its relation reversed (left <-> right, above <-> below): the same
+    objects in the other places. None without a relation or when the objects are the same."""
+    rel = next((r for r in FLIP if f" {r} " in text), None)
+    if rel is None:
+        return None
+    a, b = text.split(f" {rel} ")
+    return None if a == b else f"{a} {FLIP[rel]} {b}"
+
+
 def miscount(text: str, rng: np.random.Generator) -> str:
     """A wrong caption naming one object too few or too many: one object kept of several, or a
     palette object added. The base model's commonest errors are an extra shape and a missing one,
@@ -387,7 +425,9 @@ def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int, pool=N
     return x, caps
 
 
-def train_captioner(tok, steps: int, seed: int, pool=None) -> BlipForConditionalGeneration:
+def train_captioner(tok, steps: int, seed: int, pool=None, vae: VAE | None = None,
+                    init: BlipForConditionalGeneration | None = None,
+                    lr: float = 5e-4) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
     caption of each picture (captioner_batch), and makes the gradient of that score semantic:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
@@ -398,10 +438,13 @@ def train_captioner(tok, steps: int, seed: int, pool=None) -> BlipForConditional
       miscount (an object dropped or added), and by SWAP_MARGIN, where it names two objects of
       different colours and shapes, its colour swap (without this third hinge binding was read
       on 73-77% of 64 scenes, with it 95%: docs/toy-world.md);
-    - the generator's own pictures: `pool` (base_samples) supplies GEN_P of each batch."""
+    - the generator's own pictures: `pool` (base_samples) supplies GEN_P of each batch;
+    - binding where the generator reaches (with `vae`, LAT_N > 0): latent ascents towards the
+      swapped colours or flipped relation, read by the evaluator, and their hinges.
+    init: a captioner to fine-tune (fp32) instead of a new one (toy/bench/reward.py's levers)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
-    model = blip(tok)
+    model = blip(tok) if init is None else init.float().train().requires_grad_(True)
     cap = Captioner(model, tok)
     k = int(PGD_P * BATCH["captioner"])
 
@@ -424,9 +467,39 @@ def train_captioner(tok, steps: int, seed: int, pool=None) -> BlipForConditional
         margin = torch.full_like(worse, MARGIN)
         margin[2 * n:] = SWAP_MARGIN
         hinge = F.relu(margin - (torch.cat([true, true, true[j]]) - worse))
-        return (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
-                + hinge[2 * n:].sum() / max(len(j), 1))
-    optimise(model.parameters(), steps, 5e-4, loss, "captioner")
+        total = (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
+                 + hinge[2 * n:].sum() / max(len(j), 1))
+        if vae is not None and LAT_N:
+            total = total + reachable_binding(clean, caps[k:], rng)
+        return total
+
+    def reachable_binding(clean, caps, rng):
+        """The latent ascents' caption loss and hinges, and the relation hinge (a scalar)."""
+        flips = {i: flip_relation(c) for i, c in enumerate(caps) if flip_relation(c)}
+        pick = [i for i, c in enumerate(caps) if swap_colours(c) or i in flips][:LAT_N]
+        if not pick:
+            return torch.zeros(())
+        target = [flips[i] if i in flips and (not swap_colours(caps[i]) or rng.random() < 0.5)
+                  else swap_colours(caps[i]) for i in pick]
+        with torch.no_grad():
+            z = vae.encode(clean[pick] * 2 - 1)[0] * vae.cfg.scale  # (m, 4, 16, 16)
+        model.eval()
+        _, adv = ascend_latent(cap, vae, z, target, LAT_EPS * float(rng.uniform(0.1, 1.0)),
+                               LAT_STEPS)
+        model.train()
+        same = [reads_as(a, caps[i]) for a, i in zip(tw.to_uint8(adv), pick)]
+        adv_caps = [caps[i] if ok else tw.describe(a, rng)
+                    for ok, i, a in zip(same, pick, tw.to_uint8(adv))]
+        keep = torch.tensor(same)
+        f = torch.tensor(list(flips), dtype=torch.long)
+        lp = caption_logprob(cap, torch.cat([adv, adv[keep], clean[f], clean[f]]),
+                             adv_caps + [t for t, ok in zip(target, same) if ok]
+                             + [caps[i] for i in flips] + list(flips.values()))
+        m, h = len(pick), int(keep.sum())
+        hinge = F.relu(SWAP_MARGIN - (lp[:m][keep] - lp[m:m + h]))
+        rel = F.relu(REL_MARGIN - (lp[m + h:m + h + len(f)] - lp[m + h + len(f):]))
+        return (-lp[:m].mean() + hinge.sum() / max(h, 1) + rel.sum() / max(len(f), 1))
+    optimise(model.parameters(), steps, lr, loss, "captioner")
     return model.eval()
 
 
@@ -604,7 +677,8 @@ def build(out: str = "toy/model", seed: int = 0, budget_minutes: float | None = 
         os.makedirs(cap_dir)
         btok = blip_tokenizer(cap_dir)
         n = min(GEN_POOL, BATCH["captioner"] * steps["captioner"])  # the UNet built or kept
-        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed))
+        vae = load_pipeline(tmp).vae.float().requires_grad_(False) if LAT_N else None
+        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed), vae)
         model.half().save_pretrained(cap_dir)
         btok.save_pretrained(cap_dir)
     if "vqa" in only:  # after the captioner: it starts from the captioner's vision tower

@@ -99,8 +99,6 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
     return out, torch.cat([x] + shown)
 
 
-FLIP = {"to the left of": "to the right of", "to the right of": "to the left of",
-        "above": "below", "below": "above"}
 REACH_BUDGETS, REACH_STEPS = (0.1, 0.3, 1.0), 10  # latent RMS budgets (x the latent's RMS)
 
 
@@ -128,7 +126,7 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
     targets = {"recolour": (one[:n], [tw.prompt(s) for s in recolour]),
                "swap": (two[:n], [tb.swap_colours(tw.prompt(s)) for s in two[:n]]),
                "swap_spatial": (spatial[:n], [tb.swap_colours(tw.prompt(s)) for s in spatial[:n]]),
-               "flip_relation": (spatial[:n], [tw.prompt(s._replace(relation=FLIP[s.relation]))
+               "flip_relation": (spatial[:n], [tb.flip_relation(tw.prompt(s))
                                                for s in spatial[:n]])}
     lp = lambda x, texts: caption_logprob(cap, x, texts).detach()  # noqa: E731
     out = {}
@@ -151,6 +149,12 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
     return out
 
 
+def label(folder: str) -> str:
+    """A captioner folder's short name: its parent's when it is called captioner."""
+    parts = os.path.normpath(folder).split(os.sep)
+    return "/".join(parts[-2:]) if parts[-1] == "captioner" and len(parts) > 1 else parts[-1]
+
+
 def reach_table(results: dict) -> list[str]:
     """Markdown rows of (f): per captioner, target and budget."""
     lines = ["| captioner | target | latent budget | pixel RMS change | evaluator reads the "
@@ -160,7 +164,7 @@ def reach_table(results: dict) -> list[str]:
         for name in ("recolour", "swap", "swap_spatial", "flip_relation"):
             for eps in (0.0, *REACH_BUDGETS):
                 k = f"{name}_{eps:g}"
-                lines.append(f"| {os.path.basename(f.rstrip('/'))} | {name} | {eps:g} | "
+                lines.append(f"| {label(f)} | {name} | {eps:g} | "
                              f"{r[k + '_pixel_rms']:.3f} | {r[k + '_reads']:.0%} | "
                              f"{r[k + '_prefers']:.0%} | {r[k + '_dishonest']:.0%} |")
     return lines
