@@ -195,6 +195,23 @@ def caption_loss(logprob: torch.Tensor) -> torch.Tensor:
     return -logprob
 
 
+def isolate_objects(img: torch.Tensor, masks: torch.Tensor, found: torch.Tensor):
+    """Each found object alone, for per-object concept matching (not in the paper; train.py
+    --w_obj): its pixels, the mask grown by 2 px, on white. img (B, 3, H, W) in [0, 1], graph
+    kept; masks (B, K, H, W); found (B, K). Returns (N, 3, H, W) and the (N, 2) (sample, object)
+    index of each."""
+    idx = found.nonzero()  # (N, 2), sample-major
+    m = F.max_pool2d(masks.float(), 5, 1, 2)[idx[:, 0], idx[:, 1]][:, None].to(img.dtype)
+    return img[idx[:, 0]] * m + (1 - m), idx
+
+
+def object_loss(logprob: torch.Tensor, owner: torch.Tensor, B: int) -> torch.Tensor:
+    """Per-object concept matching, (B,): minus the mean log-likelihood of each sample's isolated
+    objects read as their own phrases (logprob (N,), owner (N,) their samples); 0 with none."""
+    n = torch.bincount(owner, minlength=B).clamp_min(1)
+    return -torch.zeros(B, device=logprob.device).index_add_(0, owner, logprob.float()) / n
+
+
 def g_loss(d_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating generator loss, BCE(D(fake), 1) = softplus(-logit), mean over pixels, (B,)."""
     return F.softplus(-d_fake).flatten(1).mean(1)

@@ -26,7 +26,6 @@ from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
@@ -155,8 +154,9 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
     objects and the attention layers. The caller chooses the models (train: from files; plan.py:
     random, on fake tensors)."""
     f = check_size(cfg, pipe.vae.cfg)
-    seg = seg if cfg.w_tok or cfg.w_pix else None  # weights 0: skip maps and masks altogether
-    if seg is None and rank == 0:
+    attend = bool(seg and (cfg.w_tok or cfg.w_pix))
+    seg = seg if attend or cfg.w_obj else None  # weights 0: skip maps and masks altogether
+    if not attend and rank == 0:
         warnings.warn("attribute concentration is off (no segmenter, or w_tok = w_pix = 0)")
     clip_tok = pipe.tokenizers[0]  # token positions index its sequence (T = model_max_length)
     objs = [objects(clip_tok, p) for p in prompts]
@@ -290,7 +290,8 @@ def losses(run, idx, step) -> Losses:
     prompts, objs = [run.prompts[i] for i in idx], [run.objs[i] for i in idx]
     rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
     grads = comat.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
-    store_at = {run.ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if run.seg else set()
+    attend = run.seg and (cfg.w_tok or cfg.w_pix)  # the maps feed attribute concentration only
+    store_at = {run.ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if attend else set()
     # x_T is drawn for the global batch and sliced, so N processes draw what one process with
     # the combined batch draws; DDPM's per-step noise comes from a per-rank generator.
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -330,28 +331,17 @@ def losses(run, idx, step) -> Losses:
 
 
 def object_loss(run, img, objs, masks, found):
-    """Per-object concept matching (not in the paper; --w_obj): each found object's pixels, its
-    mask grown by 2 px, on white, scored by the captioner as the object's own phrase ("a red
-    circle"). The whole-image caption mixes the objects' colours in one likelihood, which faint
-    tints can buy (docs/toy-world.md, "Binding in the reachable space"); alone, an object is read
-    as what it is. Returns (B,): minus the mean log-likelihood over a sample's found objects
-    (0 where none is found). img (B, 3, H, W) with graph; masks (B, K, H, W); found (B, K)."""
-    grown = F.max_pool2d(masks.float(), 5, 1, 2).to(img.dtype)  # (B, K, H, W), no gradient
-    pics, texts, owner = [], [], []
-    for b, ob in enumerate(objs):
-        for k, o in enumerate(ob):
-            if found[b, k]:
-                m = grown[b, k][None]  # (1, H, W)
-                pics.append(img[b] * m + (1 - m))
-                texts.append("a " + " ".join(o.words))
-                owner.append(b)
-    out = torch.zeros(len(objs), device=img.device)
-    if pics:
-        lp = caption_logprob(run.cap, torch.stack(pics), texts, smoothing=run.cfg.smoothing)
-        who = torch.tensor(owner, device=img.device)
-        n = torch.zeros(len(objs), device=img.device).index_add_(0, who, torch.ones_like(lp))
-        out = -torch.zeros_like(out).index_add_(0, who, lp.float()) / n.clamp_min(1)
-    return out
+    """Per-object concept matching (not in the paper; --w_obj): each found object alone
+    (comat.isolate_objects) scored by the captioner as its own phrase ("a red circle"). The
+    whole-image caption mixes the objects' colours in one likelihood, which faint tints can buy
+    (docs/toy-world.md, "Binding in the reachable space"); alone, an object is read as what it
+    is. (B,), 0 where nothing is found."""
+    pics, idx = comat.isolate_objects(img, masks, found)
+    if not len(idx):
+        return torch.zeros(len(objs), device=img.device)
+    texts = ["a " + " ".join(objs[b][k].words) for b, k in idx.tolist()]
+    lp = caption_logprob(run.cap, pics, texts, smoothing=run.cfg.smoothing)
+    return comat.object_loss(lp, idx[:, 0], len(objs))
 
 
 def update(run, out: Losses, real, idx):

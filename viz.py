@@ -24,14 +24,19 @@ def save_png(img, path):
     os.replace(tmp, path)
 
 
+def to_pil(img):
+    """An image (3, H, W) in about [0, 1] as a PIL RGB picture (clamped, rounded)."""
+    arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0) * 255).round()
+    return Image.fromarray(arr.to(torch.uint8).cpu().numpy())
+
+
 def save_images(images, path, cols):
     """Write one PNG (a grid when several images), atomically: temp file, then rename."""
     b, _, h, w = images.shape
     rows = (b + cols - 1) // cols
     grid = Image.new("RGB", (cols * w, rows * h), "white")
     for i, img in enumerate(images):
-        arr = (img.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-        grid.paste(Image.fromarray(arr), ((i % cols) * w, (i // cols) * h))
+        grid.paste(to_pil(img), ((i % cols) * w, (i // cols) * h))
     save_png(grid, path)
 
 
@@ -85,7 +90,7 @@ def loss_curve(rows, path, keys=("loss", "cap", "tok", "pix", "adv", "d"), size=
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(20, 60, 200))
         for n in range(5):  # y axis: the value range, top, bottom and three between
             v = v1 - n / 4 * (v1 - v0)
-            y = y1 - (v - v0) / (v1 - v0) * (y1 - y0)
+            y = xy(s0, v)[1]
             draw.line([x0 - 4, y, x0, y], fill=(120, 120, 120))
             draw.text((x0 - 6, y), f"{v:.3g}", fill=(60, 60, 60), font=small, anchor="rm")
         for n in range(6):  # x axis: step numbers
@@ -116,8 +121,7 @@ def labelled_grid(rows, prompts, path, tile=128):
         for i, line in enumerate(wrap(label, f, label_w - 10)):
             draw.text((6, y + tile // 2 - 9 + 18 * i), line, fill=(0, 0, 0), font=f)
         for c, img in enumerate(images):
-            arr = (img.detach().float().clamp(0, 1).permute(1, 2, 0) * 255).round()
-            pic = Image.fromarray(arr.to(torch.uint8).cpu().numpy())
+            pic = to_pil(img)
             resample = Image.NEAREST if tile % pic.width == 0 else Image.BICUBIC
             x = label_w + c * (tile + gap)
             grid.paste(pic.resize((tile, tile), resample), (x, y))
@@ -158,8 +162,7 @@ def heatmaps(image, maps, tokens, labels, path):
     tiles = [image] + [0.4 * image + 0.6 * torch.stack([m, 0.2 * m, 1 - m]) for m in heat]
     grid = Image.new("RGB", (W * len(tiles), H + 14), "white")
     for i, t in enumerate(tiles):
-        arr = (t.permute(1, 2, 0) * 255).round().to(torch.uint8).cpu().numpy()
-        grid.paste(Image.fromarray(arr), (i * W, 0))
+        grid.paste(to_pil(t), (i * W, 0))
     draw = ImageDraw.Draw(grid)
     for i, lab in enumerate(["image", *labels]):
         draw.text((i * W + 2, H + 1), lab[: W // 6], fill=(0, 0, 0))

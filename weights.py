@@ -563,15 +563,20 @@ def kind(model: str) -> str:
         return single_file_kind(dict.fromkeys(f.keys()))
 
 
+def comat_json(model: str) -> tuple[str, dict]:
+    """A model folder's comat.json, where it would be and what it holds ({} when there is none)."""
+    path = os.path.join(find(model), "comat.json")
+    if not os.path.isfile(path):
+        return path, {}
+    with open(path, encoding="utf-8") as f:
+        return path, json.load(f)
+
+
 def folder_preset(model: str) -> dict:
     """A model folder's own training preset, comat.json (the toy model carries one: its captioner,
     segmenter and run sizes); paths in it are relative to the folder. {} when there is none."""
-    path = os.path.join(find(model), "comat.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:  # _: comments; vocabulary: see unknown_words
-        preset = {k: v for k, v in json.load(f).items() if not k.startswith("_")
-                  and k != "vocabulary"}
+    path, raw = comat_json(model)  # _: comments; vocabulary: see unknown_words
+    preset = {k: v for k, v in raw.items() if not k.startswith("_") and k != "vocabulary"}
     for k in ("captioner", "dino", "sam"):
         if preset.get(k):
             preset[k] = os.path.relpath(os.path.join(os.path.dirname(path), preset[k]))
@@ -582,11 +587,7 @@ def unknown_words(model: str, prompts) -> str | None:
     """One warning line when prompts use words outside the vocabulary that a model folder's
     comat.json lists (the toy model's: it can draw nothing else), naming them and what the model
     draws; None when every word is known or the folder lists none (real models read any text)."""
-    path = os.path.join(find(model), "comat.json")
-    if model in ("tiny", "tiny-sdxl") or not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as f:
-        vocab = json.load(f).get("vocabulary")
+    vocab = comat_json(model)[1].get("vocabulary")
     if not vocab:
         return None
     known = set(vocab["words"])

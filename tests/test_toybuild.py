@@ -148,18 +148,19 @@ def test_ascent_stays_in_budget_and_raises_the_target():
 def test_latent_ascent_stays_in_budget_and_raises_the_target():
     """build.ascend_latent: the probe's and the captioner's attack where CoMat's gradient goes
     (the VAE latent, through the decoder), within eps x each latent's RMS."""
-    cap, vae = captioner.load_captioner(toy.CAPTIONER), weights.load(toy.MODEL).vae
+    cap, pipe = captioner.load_captioner(toy.CAPTIONER), weights.load(toy.MODEL)
+    vae = pipe.vae
     rng = np.random.default_rng(0)
     two = [s for s in (tw.sample_scene(rng, "two") for _ in range(20))
            if tb.swap_colours(tw.prompt(s))][:3]
     with torch.no_grad():
         z = vae.encode(tb.images(two))[0] * vae.cfg.scale
     target = [tb.swap_colours(tw.prompt(s)) for s in two]
-    z2, img = tb.ascend_latent(cap, vae, z, target, eps=0.3, steps=3)
+    z2, img = tb.ascend_latent(cap, pipe, z, target, eps=0.3, steps=3)
     budget = 0.3 * z.pow(2).mean((1, 2, 3)).sqrt()
     assert ((z2 - z).pow(2).mean((1, 2, 3)).sqrt() <= budget + 1e-5).all()
     assert img.shape == (3, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
-    _, clean = tb.ascend_latent(cap, vae, z, target, eps=0.0, steps=0)
+    _, clean = tb.ascend_latent(cap, pipe, z, target, eps=0.0, steps=0)
     before, after = (captioner.caption_logprob(cap, x, target) for x in (clean, img))
     assert (after > before).all()
     assert all(p.grad is None for p in [*cap.model.parameters(), *vae.parameters()])
@@ -170,14 +171,14 @@ def test_captioner_trains_on_latent_ascents_when_asked(monkeypatch, tmp_path):
     ascents and the relation hinge, and moves the weights; the VAE gets no gradient."""
     monkeypatch.setattr(tb, "LAT_N", 4)
     monkeypatch.setattr(tb, "BATCH", {**tb.BATCH, "captioner": 12})
-    vae = weights.load(toy.MODEL).vae.float().requires_grad_(False)
+    pipe = weights.load(toy.MODEL)
     init = captioner.load_captioner(toy.CAPTIONER)
     before = {k: v.float().clone() for k, v in init.model.state_dict().items()}
-    model = tb.train_captioner(init.tokenizer, 1, 0, None, vae, init=init.model, lr=1e-3)
+    model = tb.train_captioner(init.tokenizer, 1, 0, None, pipe, init=init.model, lr=1e-3)
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())
-    assert all(p.grad is None for p in vae.parameters())
+    assert all(p.grad is None for p in pipe.vae.parameters())
 
 
 def test_relation_flips_and_what_the_evaluator_reads():

@@ -287,3 +287,18 @@ def test_object_loss_reads_each_found_object_alone(tmp_path):
     expect = -caption_logprob(cap, alone[None], ["a red circle"],
                               smoothing=run.cfg.smoothing)
     torch.testing.assert_close(one[:1], expect)
+
+
+def test_w_obj_alone_keeps_the_segmenter_and_stores_no_maps(world):
+    """--w_obj with the attention terms off still segments and scores the objects; no attention
+    map is stored for terms weighted 0."""
+    cfg = train.parse(world["args"] + ["--w_tok", "0", "--w_pix", "0", "--w_obj", "1"])
+
+    def everything(images, nouns):  # every object found, everywhere
+        B, _, H, W = images.shape
+        K = max(len(n) for n in nouns)
+        return torch.ones(B, K, H, W, dtype=torch.bool), torch.ones(B, K, dtype=torch.bool)
+    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner), everything, PROMPTS,
+                    "cpu", torch.float32)
+    out = train.losses(r, [0, 1], 0)
+    assert out.maps == [] and (out.tok == 0).all() and (out.obj > 0).all()

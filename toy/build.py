@@ -33,7 +33,7 @@ from transformers import (
 
 import evaluate
 from captioner import Captioner, caption_logprob
-from sample import alphas_cumprod, generate
+from sample import alphas_cumprod, decode, generate
 from toy import world as tw
 from unet import UNet, UNetConfig
 from vae import VAE, VAEConfig
@@ -312,11 +312,16 @@ FLIP = {"to the left of": "to the right of", "to the right of": "to the left of"
         "above": "below", "below": "above"}
 
 
+def relation(text: str) -> str | None:
+    """The relation phrase of a caption ("above", "to the left of"), or None."""
+    return next((r for r in FLIP if f" {r} " in text), None)
+
+
 def reads_as(img: np.ndarray, caption: str) -> bool:
     """Does the evaluator read (64, 64, 3) uint8 `img` as `caption` (a captioner caption: objects
     joined by "and" or one relation, maybe "with noise"): the same objects, noise, relation?"""
     text = caption.removesuffix(" with noise")
-    rel = next((r for r in FLIP if f" {r} " in text), None)
+    rel = relation(text)
     objs = sorted(text.split(f" {rel} " if rel else " and "))
     read = tw.describe(img)
     if sorted(read.removesuffix(" with noise").split(" and ")) != objs:
@@ -329,7 +334,7 @@ def reads_as(img: np.ndarray, caption: str) -> bool:
 def flip_relation(text: str) -> str | None:
     """A spatial caption with its relation reversed (left <-> right, above <-> below): the same
     objects in the other places. None without a relation or when the objects are the same."""
-    rel = next((r for r in FLIP if f" {r} " in text), None)
+    rel = relation(text)
     if rel is None:
         return None
     a, b = text.split(f" {rel} ")
@@ -367,26 +372,26 @@ def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: in
     return (x + delta).clamp(0, 1).detach()
 
 
-def ascend_latent(cap: Captioner, vae: VAE, z: torch.Tensor, prompts: list, eps: float,
+def ascend_latent(cap: Captioner, pipe, z: torch.Tensor, prompts: list, eps: float,
                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Projected gradient ascent of caption_logprob(prompts) on the decoded image of latents z
-    (B, 4, 16, 16), scaled as the UNet's: the space CoMat's gradient reaches, where a change must
-    pass through the decoder. Each latent's perturbation is kept within RMS eps x its own RMS;
-    normalised steps of 2.5 eps / steps of it. Returns the latents and their decoded images
-    (B, 3, 64, 64) in [0, 1]. No weight gets a gradient."""
+    (B, 4, 16, 16), scaled as the UNet's, through `pipe`'s VAE decoder: the space CoMat's
+    gradient reaches, where a change must pass through the decoder. Each latent's perturbation is
+    kept within RMS eps x its own RMS; normalised steps of 2.5 eps / steps of it. Returns the
+    latents and their decoded images (B, 3, 64, 64) in [0, 1]. No weight gets a gradient."""
     size = z.pow(2).mean((1, 2, 3), keepdim=True).sqrt() * eps  # (B, 1, 1, 1) budget
-    decode = lambda z: (vae.decode(z / vae.cfg.scale) / 2 + 0.5).clamp(0, 1)  # noqa: E731
+    image = lambda z: decode(pipe, z).clamp(0, 1)  # noqa: E731
     delta = torch.zeros_like(z)
     for _ in range(steps):
         delta.requires_grad_(True)
-        lp = caption_logprob(cap, decode(z + delta), prompts).sum()
+        lp = caption_logprob(cap, image(z + delta), prompts).sum()
         grad, = torch.autograd.grad(lp, delta)
         rms = grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
         delta = delta.detach() + 2.5 / steps * size * grad / rms
         norm = delta.pow(2).mean((1, 2, 3), keepdim=True).sqrt()
         delta = delta * (size / torch.maximum(norm, size))  # onto the RMS ball
     with torch.no_grad():
-        return z + delta, decode(z + delta)
+        return z + delta, image(z + delta)
 
 
 def base_samples(folder: str, n: int, seed: int) -> tuple[np.ndarray, list]:
@@ -425,7 +430,7 @@ def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int, pool=N
     return x, caps
 
 
-def train_captioner(tok, steps: int, seed: int, pool=None, vae: VAE | None = None,
+def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
                     init: BlipForConditionalGeneration | None = None,
                     lr: float = 5e-4) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
@@ -439,7 +444,8 @@ def train_captioner(tok, steps: int, seed: int, pool=None, vae: VAE | None = Non
       different colours and shapes, its colour swap (without this third hinge binding was read
       on 73-77% of 64 scenes, with it 95%: docs/toy-world.md);
     - the generator's own pictures: `pool` (base_samples) supplies GEN_P of each batch;
-    - binding where the generator reaches (with `vae`, LAT_N > 0): latent ascents towards the
+    - binding where the generator reaches (with `pipe`, the base model whose VAE the ascents go
+      through, and LAT_N > 0): latent ascents towards the
       swapped colours or flipped relation, read by the evaluator, and their hinges.
     init: a captioner to fine-tune (fp32) instead of a new one (toy/bench/reward.py's levers)."""
     torch.manual_seed(seed)
@@ -469,7 +475,7 @@ def train_captioner(tok, steps: int, seed: int, pool=None, vae: VAE | None = Non
         hinge = F.relu(margin - (torch.cat([true, true, true[j]]) - worse))
         total = (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
                  + hinge[2 * n:].sum() / max(len(j), 1))
-        if vae is not None and LAT_N:
+        if pipe is not None and LAT_N:
             total = total + reachable_binding(clean, caps[k:], rng)
         return total
 
@@ -482,9 +488,9 @@ def train_captioner(tok, steps: int, seed: int, pool=None, vae: VAE | None = Non
         target = [flips[i] if i in flips and (not swap_colours(caps[i]) or rng.random() < 0.5)
                   else swap_colours(caps[i]) for i in pick]
         with torch.no_grad():
-            z = vae.encode(clean[pick] * 2 - 1)[0] * vae.cfg.scale  # (m, 4, 16, 16)
+            z = pipe.vae.encode(clean[pick] * 2 - 1)[0] * pipe.vae.cfg.scale  # (m, 4, 16, 16)
         model.eval()
-        _, adv = ascend_latent(cap, vae, z, target, LAT_EPS * float(rng.uniform(0.1, 1.0)),
+        _, adv = ascend_latent(cap, pipe, z, target, LAT_EPS * float(rng.uniform(0.1, 1.0)),
                                LAT_STEPS)
         model.train()
         same = [reads_as(a, caps[i]) for a, i in zip(tw.to_uint8(adv), pick)]
@@ -677,8 +683,8 @@ def build(out: str = "toy/model", seed: int = 0, budget_minutes: float | None = 
         os.makedirs(cap_dir)
         btok = blip_tokenizer(cap_dir)
         n = min(GEN_POOL, BATCH["captioner"] * steps["captioner"])  # the UNet built or kept
-        vae = load_pipeline(tmp).vae.float().requires_grad_(False) if LAT_N else None
-        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed), vae)
+        base = load_pipeline(tmp) if LAT_N else None  # fp32, frozen: the ascents' decoder
+        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed), base)
         model.half().save_pretrained(cap_dir)
         btok.save_pretrained(cap_dir)
     if "vqa" in only:  # after the captioner: it starts from the captioner's vision tower

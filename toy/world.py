@@ -174,8 +174,9 @@ def score(img: np.ndarray, text: str) -> dict:
     if spec.relation:
         relation_ok = any(holds(spec.relation, found[a], found[b]) for a, b in matches)
     extra = len(found) > n
-    return dict(correct=bool(matches) and not extra and relation_ok is not False,
-                objects_ok=bool(matches), relation_ok=relation_ok, extra=extra,
+    bound = bool(matches) and relation_ok is not False  # binding: extra shapes ignored
+    return dict(correct=bound and not extra, objects_ok=bool(matches), bound=bound,
+                relation_ok=relation_ok, extra=extra,
                 clean=1 <= len(found) <= 2 and all(f.clean for f in found), n=len(found))
 
 
@@ -352,7 +353,7 @@ def evaluate(generate_fn, seeds, prompts: dict = EVAL_PROMPTS) -> dict[str, floa
                 r = score(img, p)
                 hits.append(r["correct"])
                 pairs.append(r["objects_ok"])
-                bound.append(r["objects_ok"] and r["relation_ok"] is not False)
+                bound.append(r["bound"])
                 extra.append(r["extra"])
                 cleans.append(r["clean"])
                 if cat != "one":

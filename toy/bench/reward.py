@@ -135,11 +135,10 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
         with torch.no_grad():
             z = pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale  # (n, 4, 16, 16)
         for eps in (0.0, *REACH_BUDGETS):
-            z2, img = tb.ascend_latent(cap, pipe.vae, z, target, eps, REACH_STEPS if eps else 0)
+            _, img = tb.ascend_latent(cap, pipe, z, target, eps, REACH_STEPS if eps else 0)
             if not eps:
                 clean = img
-            reads = np.array([(lambda r: r["objects_ok"] and r["relation_ok"] is not False)(
-                tw.score(im, t)) for im, t in zip(tw.to_uint8(img), target)])
+            reads = np.array([tw.score(im, t)["bound"] for im, t in zip(tw.to_uint8(img), target)])
             prefers = (lp(img, target) > lp(img, true)).numpy()
             key = f"{name}_{eps:g}"
             out[key + "_pixel_rms"] = float((img - clean).pow(2).mean((1, 2, 3)).sqrt().mean())
