@@ -187,6 +187,43 @@ def attention_loss(maps, tokens, masks, valid, cond_half: bool = True):
     return tok, pix
 
 
+def attention_centroids(attn, tokens) -> torch.Tensor:
+    """(B, K, 2): the (x, y) centre of mass, in image widths (0 to 1, y down), of each object's
+    summed token attention over the pixels. attn (B, HW, T) head-mean probabilities of a square
+    map; tokens (B, K, T)."""
+    B, HW, T = attn.shape
+    h = math.isqrt(HW)
+    assert h * h == HW, f"attention_centroids: square maps only, HW={HW}"
+    S = attn @ tokens.transpose(1, 2)  # (B, HW, K): where each object's words are read
+    p = S / S.sum(1, keepdim=True).clamp(min=torch.finfo(S.dtype).tiny)  # over the pixels
+    c = (torch.arange(h, device=attn.device, dtype=attn.dtype) + 0.5) / h  # pixel centres
+    xy = torch.stack([c.repeat(h), c.repeat_interleave(h)], -1)  # (HW, 2), row-major pixels
+    return p.transpose(1, 2) @ xy  # (B, K, HW) @ (HW, 2)
+
+
+def relation_loss(maps, tokens, direction, margin: float = 0.1, cond_half: bool = True):
+    """Relation term (not in the paper; train.py --w_rel), (B,): for a prompt "A <relation> B",
+    the centre of B's attention should lie at least `margin` image widths beyond A's along the
+    relation's direction (segment.relation): relu(margin - (c_B - c_A) . d), on each resolution
+    group's mean map, summed over groups, like the pixel loss. No captioner or segmenter is
+    needed: the captioner cannot read relations (docs/toy-world.md), and the attention says
+    where the UNet puts each object's words. maps: list of (B or 2B, heads, HW, T) of one UNet
+    call; tokens (B, K, T), objects 0 and 1 are A and B; direction (B, 2), zero rows: no term."""
+    B = direction.shape[0]
+    if tokens.shape[1] < 2:
+        return torch.zeros(B, dtype=maps[0].dtype, device=maps[0].device)
+    groups: dict[int, list[torch.Tensor]] = {}  # HW -> head-mean maps (B, HW, T)
+    for A in maps:
+        groups.setdefault(A.shape[2], []).append((A[B:] if cond_half else A).mean(1))
+    on = direction.abs().sum(-1).clamp(max=1)  # (B,) 1 where there is a relation
+    loss = 0
+    for g in groups.values():
+        c = attention_centroids(torch.stack(g).mean(0), tokens[:, :2])  # (B, 2, 2)
+        gap = ((c[:, 1] - c[:, 0]) * direction).sum(-1)  # (B,) B's lead over A along d
+        loss = loss + F.relu(margin - gap) * on
+    return loss
+
+
 # --- concept matching and fidelity preservation (docs/official-code.md 2, 4) ---
 
 
@@ -195,19 +232,28 @@ def caption_loss(logprob: torch.Tensor) -> torch.Tensor:
     return -logprob
 
 
-def isolate_objects(img: torch.Tensor, masks: torch.Tensor, found: torch.Tensor):
-    """Each found object alone, for per-object concept matching (not in the paper; train.py
-    --w_obj): its pixels, the mask grown by 2 px, on white. img (B, 3, H, W) in [0, 1], graph
-    kept; masks (B, K, H, W); found (B, K). Returns (N, 3, H, W) and the (N, 2) (sample, object)
+def isolate_objects(img: torch.Tensor, masks: torch.Tensor, found: torch.Tensor,
+                    valid: torch.Tensor):
+    """Each asked-for object alone, for per-object concept matching (not in the paper; train.py
+    --w_obj): a found object's pixels, its mask grown by 2 px, on white. An object the segmenter
+    did not find is looked for in the rest of the picture: everything outside the sample's found
+    objects' grown masks (the whole picture when none is found). So a misdrawn or missing object
+    still gets a term, and no object can shed its term by becoming unrecognisable.
+    img (B, 3, H, W) in [0, 1], graph kept; masks (B, K, H, W); found (B, K); valid (B, K): k is
+    one of the sample's objects (K pads). Returns (N, 3, H, W) and the (N, 2) (sample, object)
     index of each."""
-    idx = found.nonzero()  # (N, 2), sample-major
-    m = F.max_pool2d(masks.float(), 5, 1, 2)[idx[:, 0], idx[:, 1]][:, None].to(img.dtype)
+    grown = F.max_pool2d(masks.float(), 5, 1, 2) * found[..., None, None]  # (B, K, H, W)
+    rest = 1 - grown.amax(1, keepdim=True)  # (B, 1, H, W): no found object there
+    m = torch.where(found[..., None, None], grown, rest)  # (B, K, H, W)
+    idx = valid.nonzero()  # (N, 2), sample-major
+    m = m[idx[:, 0], idx[:, 1]][:, None].to(img.dtype)  # (N, 1, H, W)
     return img[idx[:, 0]] * m + (1 - m), idx
 
 
 def object_loss(logprob: torch.Tensor, owner: torch.Tensor, B: int) -> torch.Tensor:
     """Per-object concept matching, (B,): minus the mean log-likelihood of each sample's isolated
-    objects read as their own phrases (logprob (N,), owner (N,) their samples); 0 with none."""
+    objects read as their own phrases (logprob (N,), owner (N,) their samples); 0 without
+    objects."""
     n = torch.bincount(owner, minlength=B).clamp_min(1)
     return -torch.zeros(B, device=logprob.device).index_add_(0, owner, logprob.float()) / n
 

@@ -98,6 +98,22 @@ def objects(tokenizer, prompt: str, max_objects=None, attributed_only=False) -> 
     return align(tokenizer, prompt, parse(prompt, attributed_only))[:max_objects]
 
 
+# Where the second object of "A <relation> B" lies from the first, (x, y) with y down: for the
+# relation term (train.py --w_rel, not in the paper). Longest phrases first ("on the top of"
+# before "top of"); T2I-CompBench's spatial prompts use "on the left of" / "on the top of".
+RELATIONS = [(re.compile(rf"\b(?:{p})\b"), d) for p, d in (
+    ("(?:to|on) the left of|left of", (1, 0)), ("(?:to|on) the right of|right of", (-1, 0)),
+    ("on (?:the )?top of|above|over", (0, 1)),
+    ("on the bottom of|below|under|underneath|beneath", (0, -1)))]
+
+
+def relation(prompt: str) -> tuple[int, int] | None:
+    """The direction from the first to the second object of a prompt "A <relation> B" (the
+    first relation phrase in it), or None: "a cat to the left of a dog" -> (1, 0)."""
+    hits = [(m.start(), d) for rx, d in RELATIONS if (m := rx.search(prompt.lower()))]
+    return min(hits)[1] if hits else None
+
+
 def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> PIL images of the clamped, detached picture (uint8 by truncation,
     as the official gsam_interface does)."""

@@ -33,7 +33,7 @@ import comat
 import sample
 import viz
 from captioner import Captioner, caption_logprob, load_captioner, random_crop
-from segment import align, grounded_sam, load_segmenter, objects, shapes
+from segment import align, grounded_sam, load_segmenter, objects, relation, shapes
 from unet import LoRALinear, add_lora, fold_lora, lora_state_dict
 from weights import Pipeline, folder_preset, kind, save_weights
 
@@ -68,6 +68,7 @@ class TrainConfig:
     w_pix: float = 5e-5           # pixel-level attention loss
     w_adv: float = 1.0            # adversarial term (official SDXL 0.5)
     w_obj: float = 0.0            # per-object concept matching (not in the paper; 0 = off)
+    w_rel: float = 0.0            # relation term on the attention (not in the paper; 0 = off)
     smoothing: float = 0.1        # BLIP label smoothing (what official transformers 4.31 applied)
     disc: str = "copy"            # D's UNet: copy (own, official) | shared (base + 2nd LoRA set)
     real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
@@ -274,6 +275,7 @@ class Losses(NamedTuple):
     pix: torch.Tensor
     adv: torch.Tensor
     obj: torch.Tensor     # (B,) per-object concept matching (zeros when w_obj = 0)
+    rel: torch.Tensor     # (B,) relation term (zeros when w_rel = 0)
     z: torch.Tensor       # (B, C, h, w) generated latents, with graph
     img: torch.Tensor     # (B, 3, H, W) decoded images, with graph
     maps: list            # per (stored step, block): attention maps, for the heat-maps
@@ -290,8 +292,9 @@ def losses(run, idx, step) -> Losses:
     prompts, objs = [run.prompts[i] for i in idx], [run.objs[i] for i in idx]
     rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
     grads = comat.pick_grad_steps(cfg.grad_mode, cfg.total_steps, cfg.grad_steps, rng)
-    attend = run.seg and (cfg.w_tok or cfg.w_pix)  # the maps feed attribute concentration only
-    store_at = {run.ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if attend else set()
+    attend = run.seg and (cfg.w_tok or cfg.w_pix)  # the maps feed attribute concentration
+    store = attend or cfg.w_rel  # and the relation term
+    store_at = {run.ts[i] for i in rng.choices(grads, k=cfg.attn_steps)} if store else set()
     # x_T is drawn for the global batch and sliced, so N processes draw what one process with
     # the combined batch draws; DDPM's per-step noise comes from a per-rank generator.
     g = torch.Generator().manual_seed(cfg.seed * 7919 + step)
@@ -312,35 +315,43 @@ def losses(run, idx, step) -> Losses:
             p.requires_grad_(False)
         adv = comat.g_loss(disc(run, z)) if cfg.w_adv else torch.zeros(len(idx), device=run.device)
     # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
-    tok = pix = obj = torch.zeros(len(idx), device=run.device)
+    tok = pix = obj = rel = torch.zeros(len(idx), device=run.device)
+    tokens = comat.object_tokens(objs, T=run.pipe.tokenizers[0].model_max_length).to(run.device)
     if run.seg and any(objs):
         masks, found = run.seg(img.detach().float().clamp(0, 1), [[o.noun for o in ob]
                                                                   for ob in objs])
-        if cfg.w_obj:  # 5b. each found object alone, read as its own phrase
+        if cfg.w_obj:  # 5b. each object alone (or the rest), read as its own phrase
             with autocast(run):
-                obj = object_loss(run, img, objs, masks, found)
-        T = run.pipe.tokenizers[0].model_max_length
-        tokens = comat.object_tokens(objs, T=T).to(run.device)
-        for group in maps:
+                obj = object_loss(run.cap, img, objs, masks, found, cfg.smoothing)
+        for group in maps if attend else ():
             t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
                                             cond_half=cfg.cfg > 1)
             tok, pix = tok + t_l, pix + p_l
+    if cfg.w_rel:  # 5c. "A left of B": B's attention centre to the right of A's
+        direction = torch.tensor([(relation(p) or (0, 0)) if len(o) == 2 else (0, 0)
+                                  for p, o in zip(prompts, objs)], device=run.device)
+        for group in maps:
+            rel = rel + comat.relation_loss([m.float() for m in group], tokens,
+                                            direction.float(), cond_half=cfg.cfg > 1)
     loss = (cfg.w_cap * cap.float() + cfg.w_tok * tok + cfg.w_pix * pix
-            + cfg.w_adv * adv.float() + cfg.w_obj * obj.float()).mean()
-    return Losses(loss, cap, tok, pix, adv, obj, z, img, maps, prompts, objs, x_T, g)
+            + cfg.w_adv * adv.float() + cfg.w_obj * obj.float() + cfg.w_rel * rel).mean()
+    return Losses(loss, cap, tok, pix, adv, obj, rel, z, img, maps, prompts, objs, x_T, g)
 
 
-def object_loss(run, img, objs, masks, found):
-    """Per-object concept matching (not in the paper; --w_obj): each found object alone
-    (comat.isolate_objects) scored by the captioner as its own phrase ("a red circle"). The
-    whole-image caption mixes the objects' colours in one likelihood, which faint tints can buy
-    (docs/toy-world.md, "Binding in the reachable space"); alone, an object is read as what it
-    is. (B,), 0 where nothing is found."""
-    pics, idx = comat.isolate_objects(img, masks, found)
+def object_loss(cap, img, objs, masks, found, smoothing=0.0):
+    """Per-object concept matching (not in the paper; --w_obj): each asked-for object alone
+    (comat.isolate_objects: its found pixels, or the rest of the picture when it is not found)
+    scored by the captioner as its own phrase ("a red circle"). The whole-image caption mixes the
+    objects' colours in one likelihood, which faint tints can buy (docs/toy-world.md, "Binding in
+    the reachable space"); alone, an object is read as what it is. (B,), 0 without objects."""
+    valid = torch.zeros(found.shape, dtype=torch.bool, device=found.device)
+    for b, ob in enumerate(objs):
+        valid[b, :len(ob)] = True
+    pics, idx = comat.isolate_objects(img, masks, found, valid)
     if not len(idx):
         return torch.zeros(len(objs), device=img.device)
     texts = ["a " + " ".join(objs[b][k].words) for b, k in idx.tolist()]
-    lp = caption_logprob(run.cap, pics, texts, smoothing=run.cfg.smoothing)
+    lp = caption_logprob(cap, pics, texts, smoothing=smoothing)
     return comat.object_loss(lp, idx[:, 0], len(objs))
 
 
@@ -488,8 +499,8 @@ def train(cfg: TrainConfig):
         # 8. log, pictures, checkpoint (rank 0 only)
         row = {"step": step + 1, "loss": out.loss.item(), "cap": out.cap.mean().item(),
                "tok": out.tok.mean().item(), "pix": out.pix.mean().item(),
-               "adv": out.adv.mean().item(), "obj": out.obj.mean().item(), "d": d_l.item(),
-               "grad_norm": gnorm.item(),
+               "adv": out.adv.mean().item(), "obj": out.obj.mean().item(),
+               "rel": out.rel.mean().item(), "d": d_l.item(), "grad_norm": gnorm.item(),
                "sec": round(time.time() - t0, 3)}
         log_rows.append(row)
         log.write(json.dumps(row) + "\n")
@@ -529,7 +540,8 @@ def pictures(cfg, pipe, prompts, rows, out: Losses, step):
     """Sample grid (fixed prompts and seeds), the last step's heat-maps, the loss curve."""
     viz.labelled_grid([(f"step {step}", grid(cfg, pipe, prompts))], prompts,
                       os.path.join(cfg.out, f"samples-{step:06d}.png"))
-    terms = ("loss", "cap", "tok", "pix", "adv", *(("obj",) if cfg.w_obj else ()), "d")
+    terms = ("loss", "cap", "tok", "pix", "adv", *(("obj",) if cfg.w_obj else ()),
+             *(("rel",) if cfg.w_rel else ()), "d")
     viz.loss_curve(rows, os.path.join(cfg.out, "loss.png"), terms)
     maps, objs = [m for group in out.maps for m in group], out.objs[0]
     if maps and objs:

@@ -77,6 +77,22 @@ def test_gradcheck_attention_loss():
     assert gradcheck(f, tuple(logits))
 
 
+def test_relation_loss_reads_where_each_object_is_attended():
+    """--w_rel: the centre of each object's attention, and a hinge when "A left of B" has B's
+    centre less than the margin to the right of A's; zero without a relation; gradcheck."""
+    tokens = comat.object_tokens([[(1,), (2,)]] * 3, T=4, dtype=D64)  # (3, 2, 4)
+    attn = torch.full((3, 1, 16, 4), 0.01, dtype=D64)  # (B, heads, HW, T) on a 4x4 map
+    attn[:, 0, 4, 1] = attn[:, 0, 7, 2] = 1.0  # A's word at row 1 col 0, B's at row 1 col 3
+    c = comat.attention_centroids(attn.mean(1), tokens)  # (B, K, 2)
+    assert c[0, 0, 0] < 0.25 and c[0, 1, 0] > 0.75 and torch.allclose(c[0, :, 1], c[0, 0, 1])
+    direction = torch.tensor([[1, 0], [-1, 0], [0, 0]], dtype=D64)  # left of, right of, none
+    loss = comat.relation_loss([attn], tokens, direction, margin=0.1, cond_half=False)
+    assert loss[0] == 0 and loss[1] > 0.5 and loss[2] == 0  # B is right of A: "right of" fails
+    logits = torch.randn(6, 2, 16, 4, dtype=D64, requires_grad=True)  # CFG-batched, 2 heads
+    assert gradcheck(lambda x: comat.relation_loss([x.softmax(-1)], tokens, direction, 0.3),
+                     (logits,))
+
+
 def test_gradcheck_gan_losses():
     torch.manual_seed(0)
     real = torch.randn(2, 4, 4, dtype=D64, requires_grad=True)

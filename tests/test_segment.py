@@ -5,7 +5,8 @@ import pytest
 import torch
 from oracle import tiny_grounded_sam
 
-from segment import align, boxes_to_masks, grounded_sam, load_segmenter, objects, parse, to_pil
+from segment import (align, boxes_to_masks, grounded_sam, load_segmenter, objects, parse,
+                     relation, to_pil)
 from weights import clip_tokenizer
 
 CASES = {
@@ -44,6 +45,17 @@ def test_parse_toy_world_prompts():
         for c2, s2, rel in itertools.product(colours, shapes, relations):
             want = [((c1,), s1), ((c2,), s2)] if s1 != s2 else []
             assert parse(f"a {c1} {s1} {rel} {c2} {s2}") == want, (c1, s1, rel, c2, s2)
+
+
+def test_relation_direction():
+    """Where the second object lies from the first (x, y; y down), T2I-CompBench's wording too."""
+    assert relation("a red circle to the left of a blue square") == (1, 0)
+    assert relation("a green bench on the left of a brown cow") == (1, 0)
+    assert relation("A cat on the right of a dog") == (-1, 0)
+    assert relation("a lamp on the top of a desk") == relation("a cup above a plate") == (0, 1)
+    assert relation("a dog below a cat") == relation("a mat under a chair") == (0, -1)
+    assert relation("a cat above a dog to the left of a bird") == (0, 1)  # the first one
+    assert relation("a red cat and a blue dog") is relation("a leftover pizza") is None
 
 
 def test_attributed_only_drops_bare_nouns():

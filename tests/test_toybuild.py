@@ -1,6 +1,7 @@
 """build.py: a build at a few steps writes a folder the loaders read, bit-identical per seed."""
 import json
 import os
+from functools import partial
 
 import numpy as np
 import pytest
@@ -156,11 +157,12 @@ def test_latent_ascent_stays_in_budget_and_raises_the_target():
     with torch.no_grad():
         z = vae.encode(tb.images(two))[0] * vae.cfg.scale
     target = [tb.swap_colours(tw.prompt(s)) for s in two]
-    z2, img = tb.ascend_latent(cap, pipe, z, target, eps=0.3, steps=3)
+    reward = partial(captioner.caption_logprob, cap)
+    z2, img = tb.ascend_latent(reward, pipe, z, target, eps=0.3, steps=3)
     budget = 0.3 * z.pow(2).mean((1, 2, 3)).sqrt()
     assert ((z2 - z).pow(2).mean((1, 2, 3)).sqrt() <= budget + 1e-5).all()
     assert img.shape == (3, 3, 64, 64) and 0 <= img.min() and img.max() <= 1
-    _, clean = tb.ascend_latent(cap, pipe, z, target, eps=0.0, steps=0)
+    _, clean = tb.ascend_latent(reward, pipe, z, target, eps=0.0, steps=0)
     before, after = (captioner.caption_logprob(cap, x, target) for x in (clean, img))
     assert (after > before).all()
     assert all(p.grad is None for p in [*cap.model.parameters(), *vae.parameters()])

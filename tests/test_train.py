@@ -257,36 +257,37 @@ def test_shared_discriminator_and_generator_steps_change_only_their_own_weights(
         assert (g_moved, d_moved) == (lr > 0, lr_d > 0)
 
 
-def test_object_loss_reads_each_found_object_alone(tmp_path):
-    """--w_obj: each found object's pixels (mask grown by 2 px) on white, scored as its phrase;
-    the gradient reaches only those pixels, and a sample without a found object scores 0."""
-    from types import SimpleNamespace
-
+def test_object_loss_reads_each_object_alone(tmp_path):
+    """--w_obj: each found object's pixels (mask grown by 2 px) on white, scored as its phrase,
+    the gradient reaching only those pixels; an object not found is read in the rest of the
+    picture (outside the found objects' grown masks; all of it when nothing is found)."""
+    from captioner import caption_logprob
     from segment import Obj
     cap = load_captioner(tiny_blip(str(tmp_path / "blip")))
-    run = SimpleNamespace(cap=cap, cfg=train.TrainConfig())
-    img = torch.rand(2, 3, 32, 32, requires_grad=True)
-    masks = torch.zeros(2, 2, 32, 32, dtype=torch.bool)
-    masks[0, 0, 4:10, 4:10] = masks[0, 1, 20:26, 20:26] = True
-    found = torch.tensor([[True, True], [False, False]])
-    objs = [[Obj("circle", ("red", "circle"), (2, 3)), Obj("square", ("blue", "square"), (6, 7))],
-            [Obj("cat", ("cat",), (2,))]]
-    out = train.object_loss(run, img, objs, masks, found)
-    assert out.shape == (2,) and out[0] > 0 and out[1] == 0
-    out.sum().backward()
+    cfg = train.TrainConfig()
+    img = torch.rand(3, 3, 32, 32, requires_grad=True)
+    masks = torch.zeros(3, 2, 32, 32, dtype=torch.bool)
+    masks[:2, 0, 4:10, 4:10] = masks[:2, 1, 20:26, 20:26] = True
+    found = torch.tensor([[True, True], [True, False], [False, False]])
+    pair = [Obj("circle", ("red", "circle"), (2, 3)), Obj("square", ("blue", "square"), (6, 7))]
+    objs = [pair, pair, [Obj("cat", ("cat",), (2,))]]
+    out = train.object_loss(cap, img, objs, masks, found, cfg.smoothing)
+    assert out.shape == (3,) and (out > 0).all()
+    out[0].backward()
     reach = torch.zeros(32, 32, dtype=torch.bool)
     reach[2:12, 2:12] = reach[18:28, 18:28] = True  # the masks grown by 2 px
-    g = img.grad.abs().sum(1)  # (2, H, W)
+    g = img.grad.abs().sum(1)  # (3, H, W)
     assert (g[0][~reach] == 0).all() and (g[0][reach] > 0).float().mean() > 0.9
-    assert (g[1] == 0).all()
-    # the mean over a sample's objects: the first object alone scores what the pair's first term is
-    one = train.object_loss(run, img.detach(), [objs[0][:1], []], masks[:, :1], found[:, :1])
-    from captioner import caption_logprob
-    m = torch.nn.functional.max_pool2d(masks[0, :1].float(), 5, 1, 2)
-    alone = img.detach()[0] * m + (1 - m)
-    expect = -caption_logprob(cap, alone[None], ["a red circle"],
-                              smoothing=run.cfg.smoothing)
-    torch.testing.assert_close(one[:1], expect)
+    assert (g[1:] == 0).all()
+
+    def score(pic, text):  # the captioner's loss of one picture read as one phrase
+        return -caption_logprob(cap, pic[None], [text], smoothing=cfg.smoothing)[0]
+    grown = torch.nn.functional.max_pool2d(masks[1, :1].float(), 5, 1, 2)  # (1, H, W)
+    x = img.detach()
+    expect = (score(x[1] * grown + 1 - grown, "a red circle")  # found: alone on white
+              + score(x[1] * (1 - grown) + grown, "a blue square")) / 2  # not found: the rest
+    torch.testing.assert_close(out[1], expect)
+    torch.testing.assert_close(out[2], score(x[2], "a cat"))  # nothing found: the whole picture
 
 
 def test_w_obj_alone_keeps_the_segmenter_and_stores_no_maps(world):
@@ -302,3 +303,17 @@ def test_w_obj_alone_keeps_the_segmenter_and_stores_no_maps(world):
                     "cpu", torch.float32)
     out = train.losses(r, [0, 1], 0)
     assert out.maps == [] and (out.tok == 0).all() and (out.obj > 0).all()
+
+
+def test_w_rel_alone_stores_maps_and_scores_the_relation(world):
+    """--w_rel with the attention terms off and no segmenter stores the maps and gives the
+    prompts with a relation ("on the left of", "above") a term, and only them."""
+    cfg = train.parse(world["args"] + ["--w_tok", "0", "--w_pix", "0", "--w_rel", "1",
+                                       "--batch", "4"])
+    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner), None, PROMPTS,
+                    "cpu", torch.float32)
+    out = train.losses(r, [0, 1, 2, 3], 0)
+    assert out.maps and (out.tok == 0).all() and (out.rel[[0, 2]] == 0).all()
+    assert (out.rel[[1, 3]] > 0).all()  # near-uniform attention: centres together, gap < 0.1
+    out.rel.sum().backward()  # the term reaches the LoRA weights through the maps
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in r.params)

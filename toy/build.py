@@ -17,6 +17,7 @@ import math
 import os
 import re
 import shutil
+from functools import partial
 
 import numpy as np
 import torch
@@ -372,19 +373,20 @@ def ascend(cap: Captioner, x: torch.Tensor, prompts: list, eps: float, steps: in
     return (x + delta).clamp(0, 1).detach()
 
 
-def ascend_latent(cap: Captioner, pipe, z: torch.Tensor, prompts: list, eps: float,
+def ascend_latent(reward, pipe, z: torch.Tensor, prompts: list, eps: float,
                   steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Projected gradient ascent of caption_logprob(prompts) on the decoded image of latents z
-    (B, 4, 16, 16), scaled as the UNet's, through `pipe`'s VAE decoder: the space CoMat's
-    gradient reaches, where a change must pass through the decoder. Each latent's perturbation is
-    kept within RMS eps x its own RMS; normalised steps of 2.5 eps / steps of it. Returns the
-    latents and their decoded images (B, 3, 64, 64) in [0, 1]. No weight gets a gradient."""
+    """Projected gradient ascent of reward(images, prompts) (B,), e.g. a captioner's
+    caption_logprob, on the decoded image of latents z (B, 4, 16, 16), scaled as the UNet's,
+    through `pipe`'s VAE decoder: the space CoMat's gradient reaches, where a change must pass
+    through the decoder. Each latent's perturbation is kept within RMS eps x its own RMS;
+    normalised steps of 2.5 eps / steps of it. Returns the latents and their decoded images
+    (B, 3, 64, 64) in [0, 1]. No weight gets a gradient."""
     size = z.pow(2).mean((1, 2, 3), keepdim=True).sqrt() * eps  # (B, 1, 1, 1) budget
     image = lambda z: decode(pipe, z).clamp(0, 1)  # noqa: E731
     delta = torch.zeros_like(z)
     for _ in range(steps):
         delta.requires_grad_(True)
-        lp = caption_logprob(cap, image(z + delta), prompts).sum()
+        lp = reward(image(z + delta), prompts).sum()
         grad, = torch.autograd.grad(lp, delta)
         rms = grad.pow(2).mean((1, 2, 3), keepdim=True).sqrt().clamp_min(1e-12)
         delta = delta.detach() + 2.5 / steps * size * grad / rms
@@ -490,8 +492,8 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
         with torch.no_grad():
             z = pipe.vae.encode(clean[pick] * 2 - 1)[0] * pipe.vae.cfg.scale  # (m, 4, 16, 16)
         model.eval()
-        _, adv = ascend_latent(cap, pipe, z, target, LAT_EPS * float(rng.uniform(0.1, 1.0)),
-                               LAT_STEPS)
+        _, adv = ascend_latent(partial(caption_logprob, cap), pipe, z, target,
+                               LAT_EPS * float(rng.uniform(0.1, 1.0)), LAT_STEPS)
         model.train()
         same = [reads_as(a, caps[i]) for a, i in zip(tw.to_uint8(adv), pick)]
         adv_caps = [caps[i] if ok else tw.describe(a, rng)

@@ -12,7 +12,9 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
 (e) the same reward on the base model's own samples (on_samples);
 (f) in the space the generator reaches (reachable): ascent on the VAE latent of a clean render
     through the decoder towards a recoloured, colour-swapped or relation-flipped prompt; does the
-    captioner prefer the target only where the evaluator reads it?
+    reward prefer the target only where the evaluator reads it? For three rewards: the captioner
+    on the whole image (concept matching), each object alone (train.py --w_obj's term) and
+    their sum (--w_obj 1).
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
 Usage: python -m toy.bench.reward --captioners OLD_FOLDER,toy/model/captioner [--n 16]
@@ -21,14 +23,17 @@ Usage: python -m toy.bench.reward --captioners OLD_FOLDER,toy/model/captioner [-
 import argparse
 import json
 import os
+from functools import partial
 
 import numpy as np
 import torch
 
 import toy
+import train
 import viz
 import weights
 from captioner import caption_logprob, load_captioner
+from segment import objects, shapes
 from toy import build as tb
 from toy import world as tw
 
@@ -100,6 +105,22 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
 
 
 REACH_BUDGETS, REACH_STEPS = (0.1, 0.3, 1.0), 10  # latent RMS budgets (x the latent's RMS)
+REACH_TARGETS = ("recolour", "swap", "swap_spatial", "flip_relation")
+
+
+def rewards(cap, pipe) -> dict:
+    """The rewards CoMat's generator can ascend, as (images, prompts) -> (B,) log-likelihoods:
+    the caption of the whole image (concept matching), each object alone (train.object_loss
+    with the flat-shape segmenter, re-segmented at every call: --w_obj's term) and their sum."""
+    tok = pipe.tokenizers[0]
+
+    def alone(x, prompts):
+        objs = [objects(tok, p) for p in prompts]
+        masks, found = shapes(x.detach(), [[o.noun for o in ob] for ob in objs])
+        return -train.object_loss(cap, x, objs, masks, found)
+    whole = partial(caption_logprob, cap)
+    return {"caption": whole, "objects": alone, "caption+objects": lambda x, p: whole(x, p)
+            + alone(x, p)}
 
 
 def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
@@ -107,10 +128,11 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
     clean render (build.ascend_latent, through the decoder, as CoMat's gradient goes) towards a
     target prompt, per budget; n scenes per target: one object recoloured (the next palette
     colour), two objects (two colours, two shapes) with the colours swapped, and spatial pairs
-    with the relation flipped. Per target and budget: the decoded image's RMS change, on how
-    many images the evaluator reads the target (its objects, and its relation), how often the
-    captioner prefers the target to the truth, and how often it does so while the evaluator does
-    not read the target (dishonest: the reward pays for something that is not there)."""
+    with the relation flipped. Per reward (rewards()), target and budget: the decoded image's RMS
+    change, on how many images the evaluator reads the target (its objects, and its relation),
+    how often the reward prefers the target to the truth, and how often it does so while the
+    evaluator does not read the target (dishonest: the reward pays for something that is not
+    there). Keys: "{target}_{budget}_{figure}", prefixed "{reward}:" but for the caption's."""
     rng = np.random.default_rng(seed)
     after = dict(zip(tw.COLOURS, list(tw.COLOURS)[1:] + list(tw.COLOURS)[:1]))
     one, two, spatial = [], [], []
@@ -128,23 +150,26 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
                "swap_spatial": (spatial[:n], [tb.swap_colours(tw.prompt(s)) for s in spatial[:n]]),
                "flip_relation": (spatial[:n], [tb.flip_relation(tw.prompt(s))
                                                for s in spatial[:n]])}
-    lp = lambda x, texts: caption_logprob(cap, x, texts).detach()  # noqa: E731
     out = {}
-    for name, (scenes, target) in targets.items():
-        true = [tw.prompt(s) for s in scenes]
-        with torch.no_grad():
-            z = pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale  # (n, 4, 16, 16)
-        for eps in (0.0, *REACH_BUDGETS):
-            _, img = tb.ascend_latent(cap, pipe, z, target, eps, REACH_STEPS if eps else 0)
-            if not eps:
-                clean = img
-            reads = np.array([tw.score(im, t)["bound"] for im, t in zip(tw.to_uint8(img), target)])
-            prefers = (lp(img, target) > lp(img, true)).numpy()
-            key = f"{name}_{eps:g}"
-            out[key + "_pixel_rms"] = float((img - clean).pow(2).mean((1, 2, 3)).sqrt().mean())
-            out[key + "_reads"] = float(reads.mean())
-            out[key + "_prefers"] = float(prefers.mean())
-            out[key + "_dishonest"] = float((prefers & ~reads).mean())
+    for rname, reward in rewards(cap, pipe).items():
+        pre = "" if rname == "caption" else rname + ":"
+        for name, (scenes, target) in targets.items():
+            true = [tw.prompt(s) for s in scenes]
+            with torch.no_grad():
+                z = pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale  # (n, 4, 16, 16)
+            for eps in (0.0, *REACH_BUDGETS):
+                _, img = tb.ascend_latent(reward, pipe, z, target, eps, REACH_STEPS if eps else 0)
+                if not eps:
+                    clean = img
+                reads = np.array([tw.score(im, t)["bound"]
+                                  for im, t in zip(tw.to_uint8(img), target)])
+                with torch.no_grad():
+                    prefers = (reward(img, target) > reward(img, true)).numpy()
+                key = f"{pre}{name}_{eps:g}"
+                out[key + "_pixel_rms"] = float((img - clean).pow(2).mean((1, 2, 3)).sqrt().mean())
+                out[key + "_reads"] = float(reads.mean())
+                out[key + "_prefers"] = float(prefers.mean())
+                out[key + "_dishonest"] = float((prefers & ~reads).mean())
     return out
 
 
@@ -155,17 +180,19 @@ def label(folder: str) -> str:
 
 
 def reach_table(results: dict) -> list[str]:
-    """Markdown rows of (f): per captioner, target and budget."""
-    lines = ["| captioner | target | latent budget | pixel RMS change | evaluator reads the "
-             "target | captioner prefers the target | ... while the evaluator does not |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown rows of (f): per captioner, reward, target and budget."""
+    lines = ["| captioner | reward | target | latent budget | pixel RMS change | evaluator reads "
+             "the target | reward prefers the target | ... while the evaluator does not |",
+             "|---|---|---|---|---|---|---|---|"]
     for f, r in results.items():
-        for name in ("recolour", "swap", "swap_spatial", "flip_relation"):
-            for eps in (0.0, *REACH_BUDGETS):
-                k = f"{name}_{eps:g}"
-                lines.append(f"| {label(f)} | {name} | {eps:g} | "
-                             f"{r[k + '_pixel_rms']:.3f} | {r[k + '_reads']:.0%} | "
-                             f"{r[k + '_prefers']:.0%} | {r[k + '_dishonest']:.0%} |")
+        for rname in ("caption", "objects", "caption+objects"):
+            pre = "" if rname == "caption" else rname + ":"
+            for name in REACH_TARGETS:
+                for eps in (0.0, *REACH_BUDGETS):
+                    k = f"{pre}{name}_{eps:g}"
+                    lines.append(f"| {label(f)} | {rname} | {name} | {eps:g} | "
+                                 f"{r[k + '_pixel_rms']:.3f} | {r[k + '_reads']:.0%} | "
+                                 f"{r[k + '_prefers']:.0%} | {r[k + '_dishonest']:.0%} |")
     return lines
 
 
