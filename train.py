@@ -287,7 +287,8 @@ class Losses(NamedTuple):
 
 def losses(run, idx, step) -> Losses:
     """Phases 1-5 of step `step` on the prompts `idx`: sample with gradient on K steps, decode,
-    concept matching, the generator's adversarial term, attribute concentration."""
+    concept matching, the generator's adversarial term, attribute concentration, and the two terms
+    not in the paper when weighted (--w_obj per-object concept matching, --w_rel relations)."""
     cfg, world, rank = run.cfg, run.world, run.rank
     prompts, objs = [run.prompts[i] for i in idx], [run.objs[i] for i in idx]
     rng = random.Random(cfg.seed * 1_000_003 + step)  # same draws on every rank
