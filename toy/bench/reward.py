@@ -105,7 +105,7 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
 
 
 REACH_BUDGETS, REACH_STEPS = (0.1, 0.3, 1.0), 10  # latent RMS budgets (x the latent's RMS)
-REACH_TARGETS = ("recolour", "swap", "swap_spatial", "flip_relation")
+REACH_TARGETS = ("recolour", "reshape", "swap", "swap_spatial", "flip_relation")
 
 
 def rewards(cap, pipe) -> dict:
@@ -127,8 +127,9 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
     """(f) The reward where the generator can move an image: ascent on the toy VAE latent of a
     clean render (build.ascend_latent, through the decoder, as CoMat's gradient goes) towards a
     target prompt, per budget; n scenes per target: one object recoloured (the next palette
-    colour), two objects (two colours, two shapes) with the colours swapped, and spatial pairs
-    with the relation flipped. Per reward (rewards()), target and budget: the decoded image's RMS
+    colour) or reshaped (the next shape: what a wrong-shape failure needs), two objects (two
+    colours, two shapes) with the colours swapped, and spatial pairs with the relation flipped.
+    Per reward (rewards()), target and budget: the decoded image's RMS
     change, on how many images the evaluator reads the target (its objects, and its relation),
     how often the reward prefers the target to the truth, and how often it does so while the
     evaluator does not read the target (dishonest: the reward pays for something that is not
@@ -145,7 +146,11 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
             (spatial if s.relation else two).append(s)
     recolour = [s._replace(objects=(o._replace(colour=after[o.colour]),))
                 for s in one[:n] for o in s.objects]
+    shape = dict(zip(tw.SHAPES, tw.SHAPES[1:] + tw.SHAPES[:1]))
+    reshape = [s._replace(objects=(o._replace(shape=shape[o.shape]),))
+               for s in one[:n] for o in s.objects]
     targets = {"recolour": (one[:n], [tw.prompt(s) for s in recolour]),
+               "reshape": (one[:n], [tw.prompt(s) for s in reshape]),
                "swap": (two[:n], [tb.swap_colours(tw.prompt(s)) for s in two[:n]]),
                "swap_spatial": (spatial[:n], [tb.swap_colours(tw.prompt(s)) for s in spatial[:n]]),
                "flip_relation": (spatial[:n], [tb.flip_relation(tw.prompt(s))
