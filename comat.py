@@ -165,13 +165,10 @@ def attention_loss(maps, tokens, masks, valid, cond_half: bool = True):
     assert maps, "no attention maps: were the modules flagged `store` during a grad-enabled call?"
     assert masks.ndim == 4 and masks.dtype == torch.bool, "masks: (B, K, H, W) bool, image size"
     B, (H, W) = masks.shape[0], masks.shape[-2:]
-    groups: dict[int, list[torch.Tensor]] = {}  # HW -> head-mean maps (B, HW, T)
     tok = torch.zeros(B, dtype=maps[0].dtype, device=maps[0].device)
     resized = {}  # HW -> (B, K, HW) masks, resized once per resolution
     for A in maps:  # a loop over layers (a few dozen at most), not over objects or tokens
-        if cond_half:
-            assert A.shape[0] == 2 * B, f"cond_half expects 2B={2 * B} maps, got {A.shape[0]}"
-            A = A[B:]  # [uncond; cond]: official stores only the conditional pass (3.3)
+        A = _cond(A, B, cond_half)
         HW = A.shape[2]
         if HW not in resized:
             # Latent side lengths from HW and the image aspect ratio (exact for square images).
@@ -179,12 +176,28 @@ def attention_loss(maps, tokens, masks, valid, cond_half: bool = True):
             assert h * (HW // h) == HW, f"cannot infer the map size of HW={HW} for a {H}x{W} mask"
             resized[HW] = resize_masks(masks, (h, HW // h), A.dtype)
         tok = tok + token_loss(A, tokens, resized[HW], valid)
-        groups.setdefault(HW, []).append(A.mean(1))  # (B, HW, T)
     # Official groups are (block, resolution): for SDXL mid_16 and up_16 are two groups, merged
     # here (one BCE on the 40-map mean); pass mid and up maps in separate calls to split them.
-    pix = sum(pixel_loss(torch.stack(g).mean(0), tokens, resized[HW], valid)
-              for HW, g in groups.items())
+    pix = sum(pixel_loss(a, tokens, resized[HW], valid)
+              for HW, a in group_means(maps, B, cond_half).items())
     return tok, pix
+
+
+def _cond(A, B: int, cond_half: bool):
+    """The conditional half of CFG-batched [uncond; cond] maps (official stores only that pass,
+    3.3), or A itself."""
+    if not cond_half:
+        return A
+    assert A.shape[0] == 2 * B, f"cond_half expects 2B={2 * B} maps, got {A.shape[0]}"
+    return A[B:]
+
+
+def group_means(maps, B: int, cond_half: bool) -> dict[int, torch.Tensor]:
+    """HW -> the mean over heads and over the maps of that resolution, (B, HW, T)."""
+    groups: dict[int, list[torch.Tensor]] = {}
+    for A in maps:
+        groups.setdefault(A.shape[2], []).append(_cond(A, B, cond_half).mean(1))
+    return {HW: torch.stack(g).mean(0) for HW, g in groups.items()}
 
 
 def attention_centroids(attn, tokens) -> torch.Tensor:
@@ -212,13 +225,10 @@ def relation_loss(maps, tokens, direction, margin: float = 0.1, cond_half: bool 
     B = direction.shape[0]
     if tokens.shape[1] < 2:
         return torch.zeros(B, dtype=maps[0].dtype, device=maps[0].device)
-    groups: dict[int, list[torch.Tensor]] = {}  # HW -> head-mean maps (B, HW, T)
-    for A in maps:
-        groups.setdefault(A.shape[2], []).append((A[B:] if cond_half else A).mean(1))
     on = direction.abs().sum(-1).clamp(max=1)  # (B,) 1 where there is a relation
     loss = 0
-    for g in groups.values():
-        c = attention_centroids(torch.stack(g).mean(0), tokens[:, :2])  # (B, 2, 2)
+    for a in group_means(maps, B, cond_half).values():
+        c = attention_centroids(a, tokens[:, :2])  # (B, 2, 2)
         gap = ((c[:, 1] - c[:, 0]) * direction).sum(-1)  # (B,) B's lead over A along d
         loss = loss + F.relu(margin - gap) * on
     return loss

@@ -317,7 +317,8 @@ def losses(run, idx, step) -> Losses:
         adv = comat.g_loss(disc(run, z)) if cfg.w_adv else torch.zeros(len(idx), device=run.device)
     # 5. attribute concentration: masks on the detached image, fp32 losses on the stored maps
     tok = pix = obj = rel = torch.zeros(len(idx), device=run.device)
-    tokens = comat.object_tokens(objs, T=run.pipe.tokenizers[0].model_max_length).to(run.device)
+    T = run.pipe.tokenizers[0].model_max_length  # tokens: only for the terms on the maps
+    tokens = comat.object_tokens(objs, T=T).to(run.device) if maps else None
     if run.seg and any(objs):
         masks, found = run.seg(img.detach().float().clamp(0, 1), [[o.noun for o in ob]
                                                                   for ob in objs])

@@ -23,7 +23,7 @@ Usage: python -m toy.bench.reward --captioners OLD_FOLDER,toy/model/captioner [-
 import argparse
 import json
 import os
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import torch
@@ -106,21 +106,26 @@ def measure(cap, n: int, seed: int = 1234) -> tuple[dict, torch.Tensor]:
 
 REACH_BUDGETS, REACH_STEPS = (0.1, 0.3, 1.0), 10  # latent RMS budgets (x the latent's RMS)
 REACH_TARGETS = ("recolour", "reshape", "swap", "swap_spatial", "flip_relation")
+REWARDS = ("caption", "objects", "caption+objects")
+
+
+def reach_key(reward: str, target: str, eps: float) -> str:
+    """(f)'s result keys: the caption's unprefixed (as they were before the other rewards)."""
+    return f"{'' if reward == 'caption' else reward + ':'}{target}_{eps:g}"
 
 
 def rewards(cap, pipe) -> dict:
     """The rewards CoMat's generator can ascend, as (images, prompts) -> (B,) log-likelihoods:
     the caption of the whole image (concept matching), each object alone (train.object_loss
     with the flat-shape segmenter, re-segmented at every call: --w_obj's term) and their sum."""
-    tok = pipe.tokenizers[0]
+    parse = cache(partial(objects, pipe.tokenizers[0]))  # the same prompts at every ascent step
 
     def alone(x, prompts):
-        objs = [objects(tok, p) for p in prompts]
+        objs = [parse(p) for p in prompts]
         masks, found = shapes(x.detach(), [[o.noun for o in ob] for ob in objs])
         return -train.object_loss(cap, x, objs, masks, found)
     whole = partial(caption_logprob, cap)
-    return {"caption": whole, "objects": alone, "caption+objects": lambda x, p: whole(x, p)
-            + alone(x, p)}
+    return dict(zip(REWARDS, (whole, alone, lambda x, p: whole(x, p) + alone(x, p))))
 
 
 def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
@@ -133,7 +138,7 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
     change, on how many images the evaluator reads the target (its objects, and its relation),
     how often the reward prefers the target to the truth, and how often it does so while the
     evaluator does not read the target (dishonest: the reward pays for something that is not
-    there). Keys: "{target}_{budget}_{figure}", prefixed "{reward}:" but for the caption's."""
+    there). Keys: reach_key(reward, target, budget) + "_{figure}"."""
     rng = np.random.default_rng(seed)
     after = dict(zip(tw.COLOURS, list(tw.COLOURS)[1:] + list(tw.COLOURS)[:1]))
     one, two, spatial = [], [], []
@@ -155,13 +160,13 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
                "swap_spatial": (spatial[:n], [tb.swap_colours(tw.prompt(s)) for s in spatial[:n]]),
                "flip_relation": (spatial[:n], [tb.flip_relation(tw.prompt(s))
                                                for s in spatial[:n]])}
+    with torch.no_grad():  # each target's clean latents, (n, 4, 16, 16)
+        latents = {name: pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale
+                   for name, (scenes, _) in targets.items()}
     out = {}
     for rname, reward in rewards(cap, pipe).items():
-        pre = "" if rname == "caption" else rname + ":"
         for name, (scenes, target) in targets.items():
-            true = [tw.prompt(s) for s in scenes]
-            with torch.no_grad():
-                z = pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale  # (n, 4, 16, 16)
+            true, z = [tw.prompt(s) for s in scenes], latents[name]
             for eps in (0.0, *REACH_BUDGETS):
                 _, img = tb.ascend_latent(reward, pipe, z, target, eps, REACH_STEPS if eps else 0)
                 if not eps:
@@ -170,7 +175,7 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
                                   for im, t in zip(tw.to_uint8(img), target)])
                 with torch.no_grad():
                     prefers = (reward(img, target) > reward(img, true)).numpy()
-                key = f"{pre}{name}_{eps:g}"
+                key = reach_key(rname, name, eps)
                 out[key + "_pixel_rms"] = float((img - clean).pow(2).mean((1, 2, 3)).sqrt().mean())
                 out[key + "_reads"] = float(reads.mean())
                 out[key + "_prefers"] = float(prefers.mean())
@@ -190,11 +195,10 @@ def reach_table(results: dict) -> list[str]:
              "the target | reward prefers the target | ... while the evaluator does not |",
              "|---|---|---|---|---|---|---|---|"]
     for f, r in results.items():
-        for rname in ("caption", "objects", "caption+objects"):
-            pre = "" if rname == "caption" else rname + ":"
+        for rname in REWARDS:
             for name in REACH_TARGETS:
                 for eps in (0.0, *REACH_BUDGETS):
-                    k = f"{pre}{name}_{eps:g}"
+                    k = reach_key(rname, name, eps)
                     lines.append(f"| {label(f)} | {rname} | {name} | {eps:g} | "
                                  f"{r[k + '_pixel_rms']:.3f} | {r[k + '_reads']:.0%} | "
                                  f"{r[k + '_prefers']:.0%} | {r[k + '_dishonest']:.0%} |")
