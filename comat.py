@@ -234,6 +234,29 @@ def relation_loss(maps, tokens, direction, margin: float = 0.1, cond_half: bool 
     return loss
 
 
+def exchange_reversed(masks, found, direction):
+    """Relations from masks (not in the paper; train.py --relation_masks): where a prompt
+    "A <relation> B" was drawn with the relation reversed (the centre of B's mask lies behind
+    A's along the relation's direction), A's and B's masks are exchanged, so that attribute
+    concentration pushes each object's words to where the other was drawn: the same picture with
+    the two objects swapped has the relation right. masks (B, K, H, W) bool, found (B, K) bool,
+    direction (B, 2) (x, y with y down; segment.relation), zero rows: no relation. Objects 0 and
+    1 are A and B. Returns the masks (a copy) and which rows were exchanged, (B,) bool."""
+    B, K, H, W = masks.shape
+    if K < 2:
+        return masks, torch.zeros(B, dtype=torch.bool, device=masks.device)
+    m = masks[:, :2].float()  # (B, 2, H, W)
+    area = m.flatten(2).sum(2).clamp(min=1)  # (B, 2)
+    xs = (torch.arange(W, device=m.device) + 0.5) / W
+    ys = (torch.arange(H, device=m.device) + 0.5) / H
+    c = torch.stack([(m.sum(2) * xs).sum(-1), (m.sum(3) * ys).sum(-1)], -1) / area[..., None]
+    gap = ((c[:, 1] - c[:, 0]) * direction.to(c)).sum(-1)  # (B,) B's lead over A along d
+    swap = found[:, :2].all(1) & (gap < 0)  # equal masks (two circles) give 0: left alone
+    out = masks.clone()
+    out[swap, 0], out[swap, 1] = masks[swap, 1], masks[swap, 0]
+    return out, swap
+
+
 # --- concept matching and fidelity preservation (docs/official-code.md 2, 4) ---
 
 

@@ -69,6 +69,7 @@ class TrainConfig:
     w_adv: float = 1.0            # adversarial term (official SDXL 0.5)
     w_obj: float = 0.0            # per-object concept matching (not in the paper; 0 = off)
     w_rel: float = 0.0            # relation term on the attention (not in the paper; 0 = off)
+    relation_masks: bool = False  # exchange A's and B's masks where drawn reversed (not in paper)
     smoothing: float = 0.1        # BLIP label smoothing (what official transformers 4.31 applied)
     disc: str = "copy"            # D's UNet: copy (own, official) | shared (base + 2nd LoRA set)
     real: str = "cache"           # discriminator's reals: cache = base-model latents made once, fly
@@ -325,19 +326,26 @@ def losses(run, idx, step) -> Losses:
         if cfg.w_obj:  # 5b. each object alone (or the rest), read as its own phrase
             with autocast(run):
                 obj = object_loss(run.cap, img, objs, masks, found, cfg.smoothing)
+        if cfg.relation_masks:  # 5a'. "A left of B" drawn reversed: each to the other's place
+            masks, _ = comat.exchange_reversed(masks, found, directions(prompts, objs, run.device))
         for group in maps if attend else ():
             t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
                                             cond_half=cfg.cfg > 1)
             tok, pix = tok + t_l, pix + p_l
     if cfg.w_rel:  # 5c. "A left of B": B's attention centre to the right of A's
-        direction = torch.tensor([(relation(p) or (0, 0)) if len(o) == 2 else (0, 0)
-                                  for p, o in zip(prompts, objs)], device=run.device)
+        direction = directions(prompts, objs, run.device)
         for group in maps:
-            rel = rel + comat.relation_loss([m.float() for m in group], tokens,
-                                            direction.float(), cond_half=cfg.cfg > 1)
+            rel = rel + comat.relation_loss([m.float() for m in group], tokens, direction,
+                                            cond_half=cfg.cfg > 1)
     loss = (cfg.w_cap * cap.float() + cfg.w_tok * tok + cfg.w_pix * pix
             + cfg.w_adv * adv.float() + cfg.w_obj * obj.float() + cfg.w_rel * rel).mean()
     return Losses(loss, cap, tok, pix, adv, obj, rel, z, img, maps, prompts, objs, x_T, g)
+
+
+def directions(prompts, objs, device) -> torch.Tensor:
+    """(B, 2): each two-object prompt's relation direction (segment.relation), else (0, 0)."""
+    return torch.tensor([(relation(p) or (0, 0)) if len(o) == 2 else (0, 0)
+                         for p, o in zip(prompts, objs)], device=device, dtype=torch.float)
 
 
 def object_loss(cap, img, objs, masks, found, smoothing=0.0):

@@ -93,6 +93,25 @@ def test_relation_loss_reads_where_each_object_is_attended():
                      (logits,))
 
 
+def test_exchange_reversed_swaps_masks_only_where_the_relation_is_drawn_backwards():
+    """--relation_masks: "A left of B" drawn with B on the left gets A's and B's masks exchanged;
+    drawn right, without a relation, with an object not found, or with one mask for both (two
+    circles), the masks are left alone."""
+    masks = torch.zeros(5, 3, 8, 8, dtype=torch.bool)
+    masks[:, 0, 2:4, 5:7] = masks[:, 1, 2:4, 0:2] = True  # A drawn right of B
+    masks[:, 2, 6:, 6:] = True  # a third object, never moved
+    masks[4, 1] = masks[4, 0]  # one mask for both
+    found = torch.ones(5, 3, dtype=torch.bool)
+    found[3, 1] = False
+    direction = torch.tensor([[1, 0], [-1, 0], [0, 0], [1, 0], [1, 0]])  # left, right, none
+    out, swapped = comat.exchange_reversed(masks, found, direction)
+    assert swapped.tolist() == [True, False, False, False, False]
+    assert torch.equal(out[0, 0], masks[0, 1]) and torch.equal(out[0, 1], masks[0, 0])
+    assert torch.equal(out[1:], masks[1:]) and torch.equal(out[:, 2], masks[:, 2])
+    above = masks.transpose(-1, -2)  # A drawn below B: "A above B" (y down) is reversed
+    assert comat.exchange_reversed(above, found, torch.tensor([[0, 1]] * 5))[1][0]
+
+
 def test_gradcheck_gan_losses():
     torch.manual_seed(0)
     real = torch.randn(2, 4, 4, dtype=D64, requires_grad=True)

@@ -119,3 +119,30 @@ def test_per_object_reward_reads_each_object_and_drops_none():
         assert (true - reward(x, swap) > 0.5).all()  # measured 1.75-4.61 nats/token
         alone = tw.to_float(np.stack([tw.render(s._replace(objects=s.objects[:1])) for s in two]))
         assert (true - reward(alone, texts) > 0.5).all()  # measured 1.05-1.81
+
+
+def test_bind_captioner_pays_less_for_shapes_that_are_not_drawn():
+    """toy/model/captioner_bind (the bind stage: fine-tuned on latent ascents towards reshaped
+    captions): pushed through the decoder towards one object's next shape within a small latent
+    budget (0.1 of the latent's RMS, 10 steps), it prefers the reshape where the evaluator does
+    not read it less often than the shipped captioner (measured on these 36 scenes: 42% against
+    58%; on 72 scenes of the same seeds 46% against 69%; probe (f) of toy/bench/reward.py, 24
+    other scenes: 25% against 88%)."""
+    from toy import build as tb
+    pipe = weights.load(toy.MODEL)
+    one = [tw.sample_scene(rng, "one") for seed in (5, 6, 7)
+           for rng in [np.random.default_rng(seed)] for _ in range(12)]
+    texts = [tw.prompt(s) for s in one]
+    target = [tb.reshape(t) for t in texts]
+    with torch.no_grad():
+        z = pipe.vae.encode(tb.images(one))[0] * pipe.vae.cfg.scale
+    dishonest = {}
+    for folder in (toy.CAPTIONER, toy.CAPTIONER_BIND):
+        cap = captioner.load_captioner(folder)
+        reward = lambda x, p: captioner.caption_logprob(cap, x, p)  # noqa: E731
+        _, img = tb.ascend_latent(reward, pipe, z, target, eps=0.1, steps=10)
+        with torch.no_grad():
+            prefers = reward(img, target) > reward(img, texts)
+        drawn = torch.tensor([tw.score(a, t)["bound"] for a, t in zip(tw.to_uint8(img), target)])
+        dishonest[folder] = (prefers & ~drawn).float().mean().item()
+    assert dishonest[toy.CAPTIONER_BIND] < dishonest[toy.CAPTIONER] - 0.1, dishonest

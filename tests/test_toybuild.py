@@ -17,7 +17,7 @@ from toy import world as tw
 from unet import UNet
 from vae import VAE
 
-FEW = dict(vae=1, unet=2, more=2, captioner=1, vqa=1)
+FEW = dict(vae=1, unet=2, more=2, captioner=1, vqa=1, bind=1)
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +47,10 @@ def test_build_loads_and_samples(built):
 
 def test_same_seed_same_weights(built, tmp_path):
     again = tb.build(str(tmp_path / "toy"), seed=0, steps=FEW, pool=64)
-    files = [os.path.join(d, f) for d in ("unet", "vae", "text_encoder", "captioner", "vqa")
+    parts = ("unet", "vae", "text_encoder", "captioner", "vqa", "captioner_bind")
+    files = [os.path.join(d, f) for d in parts
              for f in os.listdir(os.path.join(built, d)) if f.endswith(".safetensors")]
-    assert len(files) == 5
+    assert len(files) == 6
     for f in files:
         a, b = load_file(os.path.join(built, f)), load_file(os.path.join(again, f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
@@ -68,6 +69,10 @@ def test_rebuilding_one_stage_keeps_the_others(built, tmp_path):
         a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same == (d != "captioner"), d  # only the captioner was retrained (seed 1)
+    tb.build(out, seed=1, steps=FEW, only=("bind",))  # from the captioner kept (seed 1's)
+    a, b = (load_file(os.path.join(d, "model.safetensors"))
+            for d in (os.path.join(out, "captioner"), os.path.join(out, "captioner_bind")))
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
     tb.build(out, seed=1, steps=FEW, only=("more",))  # the UNet and text encoder trained on
     for d in ("unet", "vae", "text_encoder"):
         f = [x for x in os.listdir(os.path.join(out, d)) if x.endswith(".safetensors")][0]
@@ -101,6 +106,15 @@ def test_colour_swaps_only_where_they_change_the_binding():
     for text in ["a red circle", "a red circle and a blue circle",
                  "a red circle and a red square", "a mixed blob and a red square"]:
         assert tb.swap_colours(text) is None, text  # same meaning, or no two colours
+
+
+def test_reshapes_change_the_first_shape_to_the_next():
+    assert tb.reshape("a red circle") == "a red " + tw.SHAPES[(tw.SHAPES.index("circle") + 1)
+                                                             % len(tw.SHAPES)]
+    last = tw.SHAPES[-1]
+    assert tb.reshape(f"a blue {last} above a red {last}") == \
+        f"a blue {tw.SHAPES[0]} above a red {last}"  # the first object only, wrapping round
+    assert tb.reshape("a mixed blob") is None  # no shape of the grammar to change
 
 
 def test_base_samples_are_the_models_drawings_of_training_prompts(built):
@@ -169,14 +183,16 @@ def test_latent_ascent_stays_in_budget_and_raises_the_target():
 
 
 def test_captioner_trains_on_latent_ascents_when_asked(monkeypatch, tmp_path):
-    """The reachable-space lever (LAT_N > 0): one step from the shipped captioner runs the latent
-    ascents and the relation hinge, and moves the weights; the VAE gets no gradient."""
+    """The reachable-space lever (a pipe given; the bind stage's reshapes): one step from the
+    shipped captioner runs the latent ascents and the relation hinge, and moves the weights; the
+    VAE gets no gradient."""
     monkeypatch.setattr(tb, "LAT_N", 4)
     monkeypatch.setattr(tb, "BATCH", {**tb.BATCH, "captioner": 12})
     pipe = weights.load(toy.MODEL)
     init = captioner.load_captioner(toy.CAPTIONER)
     before = {k: v.float().clone() for k, v in init.model.state_dict().items()}
-    model = tb.train_captioner(init.tokenizer, 1, 0, None, pipe, init=init.model, lr=1e-3)
+    model = tb.train_captioner(init.tokenizer, 1, 0, None, pipe, init=init.model, lr=1e-3,
+                               mistake=tb.reshape)
     after = model.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(v).all() for v in after.values())

@@ -305,6 +305,29 @@ def test_w_obj_alone_keeps_the_segmenter_and_stores_no_maps(world):
     assert out.maps == [] and (out.tok == 0).all() and (out.obj > 0).all()
 
 
+def test_relation_masks_exchange_where_the_relation_is_drawn_reversed(world):
+    """--relation_masks: a segmenter that finds every first object right of the second; the
+    attention losses change for the "left of" prompt only (masks exchanged), not for the prompt
+    without a relation nor for "above" (drawn side by side: no vertical order to reverse)."""
+    def right_of(images, nouns):  # object 0 on the right half, object 1 on the left
+        B, _, H, W = images.shape
+        masks = torch.zeros(B, max(len(n) for n in nouns), H, W, dtype=torch.bool)
+        masks[:, 0, :, W // 2:] = True
+        masks[:, 1:, :, :W // 2] = True
+        return masks, torch.ones(masks.shape[:2], dtype=torch.bool)
+    out = {}
+    for flag in ("--no-relation_masks", "--relation_masks"):
+        cfg = train.parse(world["args"] + ["--batch", "4", flag])
+        r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner), right_of,
+                        PROMPTS, "cpu", torch.float32)
+        out[flag] = train.losses(r, [0, 1, 2, 3], 0)
+    off, on = out["--no-relation_masks"], out["--relation_masks"]
+    assert torch.equal(off.img, on.img)  # the same draws: only the masks differ
+    assert (on.pix[1] - off.pix[1]).abs() > 1e-6
+    assert torch.equal(on.pix[[0, 2, 3]], off.pix[[0, 2, 3]])
+    assert torch.equal(on.tok[[0, 2, 3]], off.tok[[0, 2, 3]])
+
+
 def test_w_rel_alone_stores_maps_and_scores_the_relation(world):
     """--w_rel with the attention terms off and no segmenter stores the maps and gives the
     prompts with a relation ("on the left of", "above") a term, and only them."""

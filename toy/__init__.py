@@ -16,5 +16,8 @@ import os
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODEL = os.path.join(HERE, "model")            # the shipped base model (diffusers layout)
 CAPTIONER = os.path.join(MODEL, "captioner")   # its BLIP captioner: concept matching's reward
+# the captioner fine-tuned to read shapes where the generator reaches (toy.build's bind stage):
+# the binding runs' reward, train.py --captioner toy/model/captioner_bind (docs/toy-world.md)
+CAPTIONER_BIND = os.path.join(MODEL, "captioner_bind")
 VQA = os.path.join(MODEL, "vqa")               # its BLIP-VQA: T2I-CompBench's colour scorer
 DATA = os.path.join(HERE, "data")              # its prompts in T2I-CompBench's layout

@@ -2,11 +2,11 @@
 
 The trainings behind `python -m toy.build` (kept out of toy/world.py, which holds the
 world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
-Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/, fp16, and
-comat.json: train.py's preset for it) that weights.load_pipeline and captioner.load_captioner read.
+Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/
+captioner_bind/, fp16, and comat.json: train.py's preset for it) that weights.load_pipeline and captioner.load_captioner read.
 Deterministic under a seed and a thread count: step counts come from the budget through fixed
 per-step costs, never from the clock; the thread count changes the floats' summation order (shipped
-toy/: base and more built at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
+toy/: base, more and bind built at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
 Shapes: B batch, 64x64 images, 16x16x4 latents, T = 16 text tokens.
 Usage: build("toy/model", seed=0, budget_minutes=60)
 """
@@ -58,18 +58,19 @@ DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
 # measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
-# 0.3 on one thread of a shared machine): about 115 minutes in all. The UNet's 9750 steps are the
+# 0.3 on one thread of a shared machine; bind 2.0 with its latent ascents): about 135 minutes in all. The UNet's 9750 steps are the
 # first build's 6750 plus the 3000 that toy/bench/base_longer.py showed to matter
 # (docs/toy-world.md);
 # "more" is a second round of its training (train_more), 6000 steps that toy/bench/base_longer.py
 # showed to nearly triple how often both objects of a held-out pair are drawn (docs/toy-world.md).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
-STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3}
+STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420, "bind": 600}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3, "bind": 2.0}
 # the stages in build order and the model folders each one writes; base: VAE, text encoder, UNet
-# (one pool of latents); more: UNet and text encoder trained on (train_more)
+# (one pool of latents); more: UNet and text encoder trained on (train_more); bind: a copy of the
+# captioner fine-tuned where the generator reaches (LAT_*), the reward of the binding runs
 PARTS = {"base": ("unet", "vae", "text_encoder", "tokenizer"), "more": ("unet", "text_encoder"),
-         "captioner": ("captioner",), "vqa": ("vqa",)}
+         "captioner": ("captioner",), "vqa": ("vqa",), "bind": ("captioner_bind",)}
 STAGES = tuple(PARTS)
 # train.py's preset for this model, written into the folder as comat.json (flags override it): its
 # captioner, the flat-shape segmenter, a run sized for 2 CPU cores; lr, attention and adversarial
@@ -98,16 +99,17 @@ GEN_P, GEN_POOL, GEN_STEPS = 0.25, 2048, 20
 # so 1 nat per token asks for certainty; at 1 the captioner binds as well but is a weak reward
 # (two-object +4.9 against +18.1 at 0.2; docs/toy-world.md)
 SWAP_MARGIN = 0.2
-# captioner, binding in the space CoMat's gradient reaches (issue: the reward paid for faint tints
-# that mix two objects' colours, never for the swapped scene): LAT_N two-object images of each
-# batch are encoded by the toy VAE, pushed by ascend_latent towards their colour swap (or, for a
-# spatial caption, half the time its relation flipped) within LAT_EPS x the latent's RMS (drawn
-# per batch up to it) in LAT_STEPS steps, decoded, and trained on what the evaluator reads there;
-# where it still reads the true scene, the true caption must beat the target by SWAP_MARGIN. Clean
-# spatial pictures: the true relation beats the flipped one by REL_MARGIN. Off (LAT_N = 0) in the
-# shipped build: a captioner built with it (8, 0.5, 2) bound no better in the reachable space and
-# read relations no better (docs/toy-world.md, "Binding in the reachable space").
-LAT_N, LAT_EPS, LAT_STEPS, REL_MARGIN = 0, 0.5, 2, 0.2
+# captioner, reading where CoMat's gradient reaches (issue: the reward paid for faint tints that mix
+# two objects' colours, and for shapes that were not drawn): with a pipe, LAT_N images of each
+# batch are encoded by the toy VAE, pushed by ascend_latent towards a wrong caption (train_captioner's
+# `mistake`: the colour swap or the next shape; for a spatial caption half the time its relation
+# flipped) within LAT_EPS x the latent's RMS (drawn per batch up to it) in LAT_STEPS steps,
+# decoded, and trained on what the evaluator reads there; where it still reads the true scene, the
+# true caption must beat the target by SWAP_MARGIN. Clean spatial pictures: the true relation beats
+# the flipped one by REL_MARGIN. Not in the captioner stage (built with colour swaps at (8, 0.5, 2)
+# it bound no better there); the bind stage fine-tunes the built captioner with reshapes at these
+# settings for STEPS["bind"] steps at BIND_LR (docs/toy-world.md, "Binding in the reachable space").
+LAT_N, LAT_EPS, LAT_STEPS, REL_MARGIN, BIND_LR = 16, 0.6, 5, 0.2, 1e-4
 
 
 def train_scene(rng: np.random.Generator) -> tw.Scene:
@@ -298,6 +300,17 @@ def confuse(text: str, rng: np.random.Generator) -> str:
     return " ".join(w)
 
 
+def reshape(text: str) -> str | None:
+    """The caption with its first object drawn as the next shape (circle -> square -> ...): the
+    commonest binding failure left, a wrong shape. None without a shape."""
+    w = text.split()
+    i = next((i for i, x in enumerate(w) if x in tw.SHAPES), None)
+    if i is None:
+        return None
+    w[i] = tw.SHAPES[(tw.SHAPES.index(w[i]) + 1) % len(tw.SHAPES)]
+    return " ".join(w)
+
+
 def swap_colours(text: str) -> str | None:
     """The caption with the colours of its first two objects swapped: wrong binding, right
     words. None when they share a colour or a shape (two circles swapped say the same thing)."""
@@ -433,8 +446,8 @@ def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int, pool=N
 
 
 def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
-                    init: BlipForConditionalGeneration | None = None,
-                    lr: float = 5e-4) -> BlipForConditionalGeneration:
+                    init: BlipForConditionalGeneration | None = None, lr: float = 5e-4,
+                    mistake=swap_colours) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
     caption of each picture (captioner_batch), and makes the gradient of that score semantic:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
@@ -444,11 +457,12 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
       nats per token (hinges), its confusion (colours swapped or one word changed) and its
       miscount (an object dropped or added), and by SWAP_MARGIN, where it names two objects of
       different colours and shapes, its colour swap (without this third hinge binding was read
-      on 73-77% of 64 scenes, with it 95%: docs/toy-world.md);
+      on 73-77% of 64 scenes, with it 95%: docs/toy-world.md), or whatever `mistake` makes of it
+      (swap_colours or reshape: a caption -> a wrong caption, or None);
     - the generator's own pictures: `pool` (base_samples) supplies GEN_P of each batch;
-    - binding where the generator reaches (with `pipe`, the base model whose VAE the ascents go
-      through, and LAT_N > 0): latent ascents towards the
-      swapped colours or flipped relation, read by the evaluator, and their hinges.
+    - reading where the generator reaches (with `pipe`, the base model whose VAE the ascents go
+      through): latent ascents towards `mistake` or the flipped relation, read by the evaluator,
+      and their hinges.
     init: a captioner to fine-tune (fp32) instead of a new one (toy/bench/reward.py's levers)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
@@ -466,7 +480,7 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
                     for a, b, c in zip(tw.to_uint8(x[:k]), tw.to_uint8(adv), caps[:k])]
         right = caption_logprob(cap, torch.cat([x, adv]), caps + adv_caps)  # (B + k,)
         true, clean = right[k:len(x)], x[k:]  # the unperturbed images, (n,), (n, 3, 64, 64)
-        swaps = {j: swap_colours(c) for j, c in enumerate(caps[k:]) if swap_colours(c)}
+        swaps = {j: mistake(c) for j, c in enumerate(caps[k:]) if mistake(c)}
         j = torch.tensor(list(swaps), dtype=torch.long)  # the images whose caption has a swap
         worse = caption_logprob(cap, torch.cat([clean, clean, clean[j]]),
                                 wrong[k:] + [miscount(c, rng) for c in caps[k:]]
@@ -477,18 +491,18 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
         hinge = F.relu(margin - (torch.cat([true, true, true[j]]) - worse))
         total = (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
                  + hinge[2 * n:].sum() / max(len(j), 1))
-        if pipe is not None and LAT_N:
+        if pipe is not None:
             total = total + reachable_binding(clean, caps[k:], rng)
         return total
 
     def reachable_binding(clean, caps, rng):
         """The latent ascents' caption loss and hinges, and the relation hinge (a scalar)."""
         flips = {i: flip_relation(c) for i, c in enumerate(caps) if flip_relation(c)}
-        pick = [i for i, c in enumerate(caps) if swap_colours(c) or i in flips][:LAT_N]
+        pick = [i for i, c in enumerate(caps) if mistake(c) or i in flips][:LAT_N]
         if not pick:
             return torch.zeros(())
-        target = [flips[i] if i in flips and (not swap_colours(caps[i]) or rng.random() < 0.5)
-                  else swap_colours(caps[i]) for i in pick]
+        target = [flips[i] if i in flips and (not mistake(caps[i]) or rng.random() < 0.5)
+                  else mistake(caps[i]) for i in pick]
         with torch.no_grad():
             z = pipe.vae.encode(clean[pick] * 2 - 1)[0] * pipe.vae.cfg.scale  # (m, 4, 16, 16)
         model.eval()
@@ -685,8 +699,7 @@ def build(out: str = "toy/model", seed: int = 0, budget_minutes: float | None = 
         os.makedirs(cap_dir)
         btok = blip_tokenizer(cap_dir)
         n = min(GEN_POOL, BATCH["captioner"] * steps["captioner"])  # the UNet built or kept
-        base = load_pipeline(tmp) if LAT_N else None  # fp32, frozen: the ascents' decoder
-        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed), base)
+        model = train_captioner(btok, steps["captioner"], seed, base_samples(tmp, n, seed))
         model.half().save_pretrained(cap_dir)
         btok.save_pretrained(cap_dir)
     if "vqa" in only:  # after the captioner: it starts from the captioner's vision tower
@@ -698,6 +711,15 @@ def build(out: str = "toy/model", seed: int = 0, budget_minutes: float | None = 
         model = train_vqa(vtok, cap.float(), cap_tok, steps["vqa"], seed)
         model.half().save_pretrained(vqa_dir)
         vtok.save_pretrained(vqa_dir)
+    if "bind" in only:  # the captioner fine-tuned on reshapes where the generator reaches
+        bind_dir = os.path.join(tmp, "captioner_bind")
+        cap = BlipForConditionalGeneration.from_pretrained(os.path.join(tmp, "captioner"))
+        cap_tok = BertTokenizer.from_pretrained(os.path.join(tmp, "captioner"))
+        base = load_pipeline(tmp)  # fp32, frozen: the ascents' decoder
+        model = train_captioner(cap_tok, steps["bind"], seed, None, base, init=cap, lr=BIND_LR,
+                                mistake=reshape)
+        model.half().save_pretrained(bind_dir)
+        cap_tok.save_pretrained(bind_dir)
     with open(os.path.join(tmp, "comat.json"), "w") as f:
         json.dump(TRAIN_PRESET, f, indent=1)
         f.write("\n")
@@ -714,7 +736,7 @@ def main(argv=None):
     import argparse
     ap = argparse.ArgumentParser(description="Build the toy world's base model and captioner.")
     ap.add_argument("--minutes", type=float, default=None,
-                    help="budget on 2 CPU cores (default: the shipped build's steps, ~115 min)")
+                    help="budget on 2 CPU cores (default: the shipped build's steps, ~135 min)")
     ap.add_argument("--out", default="toy/model", help="folder (default toy/model)")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--only", default=",".join(STAGES),

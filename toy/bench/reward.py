@@ -151,11 +151,8 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
             (spatial if s.relation else two).append(s)
     recolour = [s._replace(objects=(o._replace(colour=after[o.colour]),))
                 for s in one[:n] for o in s.objects]
-    shape = dict(zip(tw.SHAPES, tw.SHAPES[1:] + tw.SHAPES[:1]))
-    reshape = [s._replace(objects=(o._replace(shape=shape[o.shape]),))
-               for s in one[:n] for o in s.objects]
     targets = {"recolour": (one[:n], [tw.prompt(s) for s in recolour]),
-               "reshape": (one[:n], [tw.prompt(s) for s in reshape]),
+               "reshape": (one[:n], [tb.reshape(tw.prompt(s)) for s in one[:n]]),
                "swap": (two[:n], [tb.swap_colours(tw.prompt(s)) for s in two[:n]]),
                "swap_spatial": (spatial[:n], [tb.swap_colours(tw.prompt(s)) for s in spatial[:n]]),
                "flip_relation": (spatial[:n], [tb.flip_relation(tw.prompt(s))
