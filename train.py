@@ -159,7 +159,8 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
     attend = bool(seg and (cfg.w_tok or cfg.w_pix))
     seg = seg if attend or cfg.w_obj else None  # weights 0: skip maps and masks altogether
     if not attend and rank == 0:
-        warnings.warn("attribute concentration is off (no segmenter, or w_tok = w_pix = 0)")
+        warnings.warn("attribute concentration is off (no segmenter, or w_tok = w_pix = 0)"
+                      + ("; --relation_masks acts on nothing" if cfg.relation_masks else ""))
     clip_tok = pipe.tokenizers[0]  # token positions index its sequence (T = model_max_length)
     objs = [objects(clip_tok, p) for p in prompts]
     if cfg.prompts.endswith(".jsonl"):  # precomputed objects: {"objects": [[attr..., noun], ...]}

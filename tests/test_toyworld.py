@@ -240,3 +240,22 @@ def test_toy_data_holds_the_held_out_two_object_prompts():
     """toy/data/color_val.txt (evaluate.py --data toy/data) is EVAL_PROMPTS["two"], in order."""
     with open(os.path.join(toy.DATA, "color_val.txt"), encoding="utf-8") as f:
         assert f.read().splitlines() == tw.EVAL_PROMPTS["two"]
+
+
+def test_failure_breakdown_tells_a_reversed_relation():
+    """toy.bench.failures: a spatial prompt drawn as asked is correct and not reversed; drawn
+    with the relation reversed (same objects), it is reversed; with an object missing, neither."""
+    from toy.bench.failures import reading
+    from toy.build import flip_relation
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        scene = tw.sample_scene(rng, "spatial")
+        text = tw.prompt(scene)
+        if flip_relation(text) is None:
+            continue
+        asked = reading(tw.render(scene), text)
+        assert asked["correct"] and not asked["reversed"]
+        flipped = tw.place(tw.parse_prompt(flip_relation(text)), rng)
+        assert reading(tw.render(flipped), text)["reversed"]
+        alone = scene._replace(objects=scene.objects[:1], relation=None)
+        assert not reading(tw.render(alone), text)["reversed"]

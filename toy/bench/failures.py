@@ -7,7 +7,10 @@ sampler as `python -m toy.eval`). Per category, as shares of its images, in %:
   n = 1, 2, 3+ how many shapes the evaluator finds;
   colours      every prompt colour is on some shape (whatever its shape);
   pairs 0/1/2  how many of the prompt's (colour, shape) pairs are found;
-  clean        one or two shapes, all clean palette shapes (what fidelity counts).
+  clean        one or two shapes, all clean palette shapes (what fidelity counts);
+  reversed     spatial: every prompt object found, the relation failing and the reversed one
+               holding (what train.py --relation_masks acts on); the rest of the failing
+               relations have the objects side by side on the other axis.
 Usage: python -m toy.bench.failures [--lora A.safetensors,B.safetensors] [--seeds 4] [--out F.md]
 """
 import argparse
@@ -18,11 +21,12 @@ import numpy as np
 import sample
 import toy
 from toy import world as tw
+from toy.build import flip_relation
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 COLUMNS = ("correct", "objects ok", "extra", "n = 1", "n = 2", "n = 3+", "colours",
-           "pairs 0", "pairs 1", "pairs 2", "clean")
+           "pairs 0", "pairs 1", "pairs 2", "clean", "reversed")
 
 
 def reading(img: np.ndarray, text: str) -> dict:
@@ -34,7 +38,8 @@ def reading(img: np.ndarray, text: str) -> dict:
             "n = 1": r["n"] == 1, "n = 2": r["n"] == 2, "n = 3+": r["n"] >= 3,
             "colours": all(any(f.colour == o.colour for f in found) for o in objs),
             "pairs 0": pairs == 0, "pairs 1": pairs == 1, "pairs 2": pairs == 2,
-            "clean": r["clean"]}
+            "clean": r["clean"], "reversed": r["relation_ok"] is False and bool(
+                flip_relation(text) and tw.score(img, flip_relation(text))["relation_ok"])}
 
 
 def breakdown(pipe, seeds) -> dict[str, dict[str, float]]:
