@@ -3,7 +3,8 @@
 The trainings behind `python -m toy.build` (kept out of toy/world.py, which holds the
 world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
 Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/
-captioner_bind/, fp16, and comat.json: train.py's preset for it) that weights.load_pipeline and captioner.load_captioner read.
+captioner_bind/, fp16, and comat.json: train.py's preset for it) that weights.load_pipeline and
+captioner.load_captioner read.
 Deterministic under a seed and a thread count: step counts come from the budget through fixed
 per-step costs, never from the clock; the thread count changes the floats' summation order (shipped
 toy/: base, more and bind built at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
@@ -58,9 +59,9 @@ DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
 # measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
-# 0.3 on one thread of a shared machine; bind 2.0 with its latent ascents): about 135 minutes in all. The UNet's 9750 steps are the
-# first build's 6750 plus the 3000 that toy/bench/base_longer.py showed to matter
-# (docs/toy-world.md);
+# 0.3 on one thread of a shared machine; bind 2.0 with its latent ascents): about 135 minutes in
+# all. The UNet's 9750 steps are the first build's 6750 plus the 3000 that toy/bench/base_longer.py
+# showed to matter (docs/toy-world.md);
 # "more" is a second round of its training (train_more), 6000 steps that toy/bench/base_longer.py
 # showed to nearly triple how often both objects of a held-out pair are drawn (docs/toy-world.md).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
@@ -101,11 +102,11 @@ GEN_P, GEN_POOL, GEN_STEPS = 0.25, 2048, 20
 SWAP_MARGIN = 0.2
 # captioner, reading where CoMat's gradient reaches (issue: the reward paid for faint tints that mix
 # two objects' colours, and for shapes that were not drawn): with a pipe, LAT_N images of each
-# batch are encoded by the toy VAE, pushed by ascend_latent towards a wrong caption (train_captioner's
-# `mistake`: the colour swap or the next shape; for a spatial caption half the time its relation
-# flipped) within LAT_EPS x the latent's RMS (drawn per batch up to it) in LAT_STEPS steps,
-# decoded, and trained on what the evaluator reads there; where it still reads the true scene, the
-# true caption must beat the target by SWAP_MARGIN. Clean spatial pictures: the true relation beats
+# batch are encoded by the toy VAE, pushed by ascend_latent towards a wrong caption
+# (train_captioner's `mistake`: the colour swap or the next shape; for a spatial caption half the
+# time its relation flipped) within LAT_EPS x the latent's RMS (drawn per batch up to it) in
+# LAT_STEPS steps, decoded, and trained on what the evaluator reads there; where it still reads the
+# true scene, the true caption must beat the target by SWAP_MARGIN. Clean spatial pictures: the true relation beats
 # the flipped one by REL_MARGIN. Not in the captioner stage (built with colour swaps at (8, 0.5, 2)
 # it bound no better there); the bind stage fine-tunes the built captioner with reshapes at these
 # settings for STEPS["bind"] steps at BIND_LR (docs/toy-world.md, "Binding in the reachable space").
