@@ -106,10 +106,11 @@ SWAP_MARGIN = 0.2
 # (train_captioner's `mistake`: the colour swap or the next shape; for a spatial caption half the
 # time its relation flipped) within LAT_EPS x the latent's RMS (drawn per batch up to it) in
 # LAT_STEPS steps, decoded, and trained on what the evaluator reads there; where it still reads the
-# true scene, the true caption must beat the target by SWAP_MARGIN. Clean spatial pictures: the true relation beats
-# the flipped one by REL_MARGIN. Not in the captioner stage (built with colour swaps at (8, 0.5, 2)
-# it bound no better there); the bind stage fine-tunes the built captioner with reshapes at these
-# settings for STEPS["bind"] steps at BIND_LR (docs/toy-world.md, "Binding in the reachable space").
+# true scene, the true caption must beat the target by SWAP_MARGIN. Clean spatial pictures: the
+# true relation beats the flipped one by REL_MARGIN. Not in the captioner stage (built with colour
+# swaps at (8, 0.5, 2) it bound no better there); the bind stage fine-tunes the built captioner
+# with reshapes at these settings for STEPS["bind"] steps at BIND_LR (docs/toy-world.md, "Binding
+# in the reachable space").
 LAT_N, LAT_EPS, LAT_STEPS, REL_MARGIN, BIND_LR = 16, 0.6, 5, 0.2, 1e-4
 
 
