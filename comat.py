@@ -200,6 +200,16 @@ def group_means(maps, B: int, cond_half: bool) -> dict[int, torch.Tensor]:
     return {HW: torch.stack(g).mean(0) for HW, g in groups.items()}
 
 
+def mass_centres(w: torch.Tensor) -> torch.Tensor:
+    """(B, K, 2): the (x, y) centre of mass of each non-negative map w (B, K, H, W), in image
+    widths and heights (0 to 1, y down); an empty map gives (0, 0)."""
+    B, K, H, W = w.shape
+    total = w.flatten(2).sum(2).clamp(min=torch.finfo(w.dtype).tiny)  # (B, K)
+    xs = (torch.arange(W, device=w.device, dtype=w.dtype) + 0.5) / W  # pixel centres
+    ys = (torch.arange(H, device=w.device, dtype=w.dtype) + 0.5) / H
+    return torch.stack([(w.sum(2) * xs).sum(-1), (w.sum(3) * ys).sum(-1)], -1) / total[..., None]
+
+
 def attention_centroids(attn, tokens) -> torch.Tensor:
     """(B, K, 2): the (x, y) centre of mass, in image widths (0 to 1, y down), of each object's
     summed token attention over the pixels. attn (B, HW, T) head-mean probabilities of a square
@@ -208,10 +218,7 @@ def attention_centroids(attn, tokens) -> torch.Tensor:
     h = math.isqrt(HW)
     assert h * h == HW, f"attention_centroids: square maps only, HW={HW}"
     S = attn @ tokens.transpose(1, 2)  # (B, HW, K): where each object's words are read
-    p = S / S.sum(1, keepdim=True).clamp(min=torch.finfo(S.dtype).tiny)  # over the pixels
-    c = (torch.arange(h, device=attn.device, dtype=attn.dtype) + 0.5) / h  # pixel centres
-    xy = torch.stack([c.repeat(h), c.repeat_interleave(h)], -1)  # (HW, 2), row-major pixels
-    return p.transpose(1, 2) @ xy  # (B, K, HW) @ (HW, 2)
+    return mass_centres(S.transpose(1, 2).reshape(B, -1, h, h))  # row-major pixels
 
 
 def relation_loss(maps, tokens, direction, margin: float = 0.1, cond_half: bool = True):
@@ -241,20 +248,15 @@ def exchange_reversed(masks, found, direction):
     concentration pushes each object's words to where the other was drawn: the same picture with
     the two objects swapped has the relation right. masks (B, K, H, W) bool, found (B, K) bool,
     direction (B, 2) (x, y with y down; segment.relation), zero rows: no relation. Objects 0 and
-    1 are A and B. Returns the masks (a copy) and which rows were exchanged, (B,) bool."""
-    B, K, H, W = masks.shape
-    if K < 2:
-        return masks, torch.zeros(B, dtype=torch.bool, device=masks.device)
-    m = masks[:, :2].float()  # (B, 2, H, W)
-    area = m.flatten(2).sum(2).clamp(min=1)  # (B, 2)
-    xs = (torch.arange(W, device=m.device) + 0.5) / W
-    ys = (torch.arange(H, device=m.device) + 0.5) / H
-    c = torch.stack([(m.sum(2) * xs).sum(-1), (m.sum(3) * ys).sum(-1)], -1) / area[..., None]
+    1 are A and B. Returns the masks, a copy where any are exchanged."""
+    if masks.shape[1] < 2:
+        return masks
+    c = mass_centres(masks[:, :2].float())  # (B, 2, 2)
     gap = ((c[:, 1] - c[:, 0]) * direction.to(c)).sum(-1)  # (B,) B's lead over A along d
     swap = found[:, :2].all(1) & (gap < 0)  # equal masks (two circles) give 0: left alone
     out = masks.clone()
     out[swap, 0], out[swap, 1] = masks[swap, 1], masks[swap, 0]
-    return out, swap
+    return out
 
 
 # --- concept matching and fidelity preservation (docs/official-code.md 2, 4) ---

@@ -328,7 +328,7 @@ def losses(run, idx, step) -> Losses:
             with autocast(run):
                 obj = object_loss(run.cap, img, objs, masks, found, cfg.smoothing)
         if cfg.relation_masks:  # 5a'. "A left of B" drawn reversed: each to the other's place
-            masks, _ = comat.exchange_reversed(masks, found, directions(prompts, objs, run.device))
+            masks = comat.exchange_reversed(masks, found, directions(prompts, objs, run.device))
         for group in maps if attend else ():
             t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
                                             cond_half=cfg.cfg > 1)

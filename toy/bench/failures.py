@@ -31,7 +31,7 @@ COLUMNS = ("correct", "objects ok", "extra", "n = 1", "n = 2", "n = 3+", "colour
 
 def reading(img: np.ndarray, text: str) -> dict:
     """The evaluator's reading of one (64, 64, 3) uint8 image against its prompt, as 0/1 flags."""
-    r, found = tw.score(img, text), tw.detect(img)
+    r, found, flipped = tw.score(img, text), tw.detect(img), flip_relation(text)
     objs = tw.parse_prompt(text).objects
     pairs = sum(any(f[:2] == o[:2] for f in found) for o in objs)
     return {"correct": r["correct"], "objects ok": r["objects_ok"], "extra": r["extra"],
@@ -39,7 +39,7 @@ def reading(img: np.ndarray, text: str) -> dict:
             "colours": all(any(f.colour == o.colour for f in found) for o in objs),
             "pairs 0": pairs == 0, "pairs 1": pairs == 1, "pairs 2": pairs == 2,
             "clean": r["clean"], "reversed": r["relation_ok"] is False and bool(
-                flip_relation(text) and tw.score(img, flip_relation(text))["relation_ok"])}
+                flipped and tw.score(img, flipped)["relation_ok"])}
 
 
 def breakdown(pipe, seeds) -> dict[str, dict[str, float]]:
