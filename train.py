@@ -321,6 +321,8 @@ def losses(run, idx, step) -> Losses:
     tok = pix = obj = rel = torch.zeros(len(idx), device=run.device)
     T = run.pipe.tokenizers[0].model_max_length  # tokens: only for the terms on the maps
     tokens = comat.object_tokens(objs, T=T).to(run.device) if maps else None
+    # (B, 2) each prompt's relation, for the two terms that read it
+    direction = directions(prompts, objs, run.device) if cfg.w_rel or cfg.relation_masks else None
     if run.seg and any(objs):
         masks, found = run.seg(img.detach().float().clamp(0, 1), [[o.noun for o in ob]
                                                                   for ob in objs])
@@ -328,13 +330,12 @@ def losses(run, idx, step) -> Losses:
             with autocast(run):
                 obj = object_loss(run.cap, img, objs, masks, found, cfg.smoothing)
         if cfg.relation_masks:  # 5a'. "A left of B" drawn reversed: each to the other's place
-            masks = comat.exchange_reversed(masks, found, directions(prompts, objs, run.device))
+            masks = comat.exchange_reversed(masks, found, direction)
         for group in maps if attend else ():
             t_l, p_l = comat.attention_loss([m.float() for m in group], tokens, masks, found,
                                             cond_half=cfg.cfg > 1)
             tok, pix = tok + t_l, pix + p_l
     if cfg.w_rel:  # 5c. "A left of B": B's attention centre to the right of A's
-        direction = directions(prompts, objs, run.device)
         for group in maps:
             rel = rel + comat.relation_loss([m.float() for m in group], tokens, direction,
                                             cond_half=cfg.cfg > 1)

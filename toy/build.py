@@ -494,17 +494,18 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
         total = (-right.mean() + hinge[:n].mean() + hinge[n:2 * n].mean()
                  + hinge[2 * n:].sum() / max(len(j), 1))
         if pipe is not None:
-            total = total + reachable_binding(clean, caps[k:], rng)
+            total = total + reachable_binding(clean, caps[k:], swaps, rng)
         return total
 
-    def reachable_binding(clean, caps, rng):
-        """The latent ascents' caption loss and hinges, and the relation hinge (a scalar)."""
+    def reachable_binding(clean, caps, swaps, rng):
+        """The latent ascents' caption loss and hinges, and the relation hinge (a scalar).
+        swaps: {index in caps: its `mistake`} where it has one."""
         flips = {i: flip_relation(c) for i, c in enumerate(caps) if flip_relation(c)}
-        pick = [i for i, c in enumerate(caps) if mistake(c) or i in flips][:LAT_N]
+        pick = [i for i in range(len(caps)) if i in swaps or i in flips][:LAT_N]
         if not pick:
             return torch.zeros(())
-        target = [flips[i] if i in flips and (not mistake(caps[i]) or rng.random() < 0.5)
-                  else mistake(caps[i]) for i in pick]
+        target = [flips[i] if i in flips and (i not in swaps or rng.random() < 0.5)
+                  else swaps[i] for i in pick]
         with torch.no_grad():
             z = pipe.vae.encode(clean[pick] * 2 - 1)[0] * pipe.vae.cfg.scale  # (m, 4, 16, 16)
         model.eval()
