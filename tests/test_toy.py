@@ -3,6 +3,7 @@ command scores it, and a CI-sized CoMat run on it (the train.py defaults) moves 
 every output the default run promises."""
 import json
 import os
+from functools import partial
 
 import numpy as np
 import torch
@@ -146,3 +147,24 @@ def test_bind_captioner_pays_less_for_shapes_that_are_not_drawn():
         drawn = torch.tensor([tw.score(a, t)["bound"] for a, t in zip(tw.to_uint8(img), target)])
         dishonest[folder] = (prefers & ~drawn).float().mean().item()
     assert dishonest[toy.CAPTIONER_BIND] < dishonest[toy.CAPTIONER] - 0.1, dishonest
+
+
+def test_rel_captioner_reads_relations():
+    """toy/model/captioner_rel (the rel stage: patches that know where they are, relations
+    learnt first): on clean spatial renders the true caption beats the one with its relation
+    flipped on most scenes; every other shipped captioner is at chance (measured on these 64:
+    rel 91%, captioner 53%, captioner_bind 47%; docs/toy-world.md)."""
+    from toy import build as tb
+    rng = np.random.default_rng(777)
+    scenes = [tw.sample_scene(rng, "spatial") for _ in range(64)]
+    x = tw.to_float(np.stack([tw.render(s) for s in scenes]))  # (64, 3, 64, 64) in [0, 1]
+    true = [tw.prompt(s) for s in scenes]
+    flipped = [tb.flip_relation(t) for t in true]
+    right = {}
+    for folder in (toy.CAPTIONER, toy.CAPTIONER_BIND, toy.CAPTIONER_REL):
+        cap = captioner.load_captioner(folder)
+        with torch.no_grad():
+            score = partial(captioner.caption_logprob, cap, x)
+            right[folder] = (score(true) > score(flipped)).float().mean().item()
+    assert right[toy.CAPTIONER_REL] > 0.85, right
+    assert max(right[toy.CAPTIONER], right[toy.CAPTIONER_BIND]) < 0.65, right

@@ -17,7 +17,7 @@ from toy import world as tw
 from unet import UNet
 from vae import VAE
 
-FEW = dict(vae=1, unet=2, more=2, captioner=1, vqa=1, bind=1)
+FEW = dict(vae=1, unet=2, more=2, captioner=1, vqa=1, relations=1, bind=1)
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +47,10 @@ def test_build_loads_and_samples(built):
 
 def test_same_seed_same_weights(built, tmp_path):
     again = tb.build(str(tmp_path / "toy"), seed=0, steps=FEW, pool=64)
-    parts = ("unet", "vae", "text_encoder", "captioner", "vqa", "captioner_bind")
+    parts = ("unet", "vae", "text_encoder", "captioner", "vqa", "captioner_bind", "captioner_rel")
     files = [os.path.join(d, f) for d in parts
              for f in os.listdir(os.path.join(built, d)) if f.endswith(".safetensors")]
-    assert len(files) == 6
+    assert len(files) == 7
     for f in files:
         a, b = load_file(os.path.join(built, f)), load_file(os.path.join(again, f))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), f
@@ -69,10 +69,13 @@ def test_rebuilding_one_stage_keeps_the_others(built, tmp_path):
         a, b = load_file(os.path.join(built, d, f)), load_file(os.path.join(out, d, f))
         same = all(torch.equal(a[k], b[k]) for k in a)
         assert same == (d != "captioner"), d  # only the captioner was retrained (seed 1)
-    tb.build(out, seed=1, steps=FEW, only=("bind",))  # from the captioner kept (seed 1's)
-    a, b = (load_file(os.path.join(d, "model.safetensors"))
-            for d in (os.path.join(out, "captioner"), os.path.join(out, "captioner_bind")))
-    assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    tb.build(out, seed=1, steps=FEW, only=("bind", "rel"))  # bind: from the captioner kept
+    a, b, c = (load_file(os.path.join(out, d, "model.safetensors"))
+               for d in ("captioner", "captioner_bind", "captioner_rel"))
+    assert a.keys() == b.keys() == c.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+    pos = "vision_model.embeddings.position_embedding"  # (1, 1 + 64, 96)
+    assert a[pos].float().abs().max() < 0.01  # BLIP's start (~0), one step on
+    assert (c[pos][0, 1:].float().norm(dim=1) - tb.POS_NORM).abs().max() < 0.5  # the grid's
     tb.build(out, seed=1, steps=FEW, only=("more",))  # the UNet and text encoder trained on
     for d in ("unet", "vae", "text_encoder"):
         f = [x for x in os.listdir(os.path.join(out, d)) if x.endswith(".safetensors")][0]
@@ -234,6 +237,20 @@ def test_captioner_batches_are_captioned_with_what_is_there():
             assert reading(c) == reading(tw.describe(img)), c
 
 
+def test_captioner_positions_say_where_each_patch_is(tmp_path):
+    tok = tb.blip_tokenizer(str(tmp_path))
+    torch.manual_seed(0)
+    plain, placed = tb.blip(tok).vision_model.embeddings, tb.blip(tok, 20.0).vision_model.embeddings
+    assert plain.position_embedding.abs().max() < 1e-6  # BLIP's own start: no position at all
+    pos = placed.position_embedding[0, 1:].detach()  # (64, 96), patches row-major
+    n, half = tw.SIZE // tb.BLIP_PATCH, pos.shape[1] // 2
+    assert torch.allclose(pos.norm(dim=1), torch.full((n * n,), 20.0))
+    grid = pos.view(n, n, -1)  # (row, column, channel)
+    assert torch.allclose(grid[0, :, :half], grid[5, :, :half])  # x half: the column only
+    assert torch.allclose(grid[:, 0, half:], grid[:, 5, half:])  # y half: the row only
+    assert torch.cdist(pos, pos).add(torch.eye(n * n) * 99).min() > 1.0  # every patch distinct
+
+
 def test_configs_round_trip_through_the_loader():
     assert weights.unet_config_from_diffusers(tb.unet_json(tb.UNET_CFG, 16)) == tb.UNET_CFG
     assert weights.vae_config_from_diffusers(tb.vae_json(tb.VAE_CFG, 64)) == tb.VAE_CFG
@@ -258,7 +275,7 @@ def test_training_scenes_hold_out_the_evaluation_combinations():
 
 def test_plan_splits_the_budget():
     steps = tb.plan(60)
-    cost = sum(steps[k] * tb.SEC_PER_STEP[k] for k in steps)
+    cost = sum(steps[k] * tb.SEC_PER_STEP[k] * tb.RUNS.get(k, 1) for k in steps)
     assert 0.9 * 3600 < cost <= 0.95 * 3600 and min(steps.values()) > 100
 
 

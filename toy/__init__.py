@@ -19,5 +19,7 @@ CAPTIONER = os.path.join(MODEL, "captioner")   # its BLIP captioner: concept mat
 # the captioner fine-tuned to read shapes where the generator reaches (toy.build's bind stage):
 # the binding runs' reward, train.py --captioner toy/model/captioner_bind (docs/toy-world.md)
 CAPTIONER_BIND = os.path.join(MODEL, "captioner_bind")
+# a captioner built to read relations too (toy.build's rel stage): the spatial runs' reward
+CAPTIONER_REL = os.path.join(MODEL, "captioner_rel")
 VQA = os.path.join(MODEL, "vqa")               # its BLIP-VQA: T2I-CompBench's colour scorer
 DATA = os.path.join(HERE, "data")              # its prompts in T2I-CompBench's layout

@@ -3,11 +3,11 @@
 The trainings behind `python -m toy.build` (kept out of toy/world.py, which holds the
 world itself: this is the "pretraining" that makes a toy Stable Diffusion plus a toy captioner).
 Output: a diffusers-layout folder (unet/ vae/ text_encoder/ tokenizer/ captioner/ vqa/
-captioner_bind/, fp16, and comat.json: train.py's preset for it) that weights.load_pipeline and
-captioner.load_captioner read.
+captioner_bind/ captioner_rel/, fp16, and comat.json: train.py's preset for it) that
+weights.load_pipeline and captioner.load_captioner read.
 Deterministic under a seed and a thread count: step counts come from the budget through fixed
 per-step costs, never from the clock; the thread count changes the floats' summation order (shipped
-toy/: base, more and bind built at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
+toy/: base, more, bind and rel built at 2 threads, captioner and vqa at OMP_NUM_THREADS=1).
 Shapes: B batch, 64x64 images, 16x16x4 latents, T = 16 text tokens.
 Usage: build("toy/model", seed=0, budget_minutes=60)
 """
@@ -59,20 +59,27 @@ DROP_OBJECT_P, DROP_COLOUR_P, EMPTY_P = 0.5, 0.3, 0.1
 KL_WEIGHT = 1e-5  # VAE: MSE + this * KL (per element); just enough to keep latents bounded
 # batch sizes; the shipped build's step counts; seconds per step on 2 CPU cores (torch 2.13;
 # measured VAE 0.4-0.67 (rounded up), UNet 0.19-0.30, captioner 0.29 with its adversarial steps; VQA
-# 0.3 on one thread of a shared machine; bind 2.0 with its latent ascents): about 135 minutes in
-# all. The UNet's 9750 steps are the first build's 6750 plus the 3000 that toy/bench/base_longer.py
-# showed to matter (docs/toy-world.md);
+# 0.3 on one thread of a shared machine; relations 0.07; bind 1.4-2.0 with its latent ascents):
+# about 170 minutes in all. The UNet's 9750 steps are the first build's 6750 plus the 3000 that
+# toy/bench/base_longer.py showed to matter (docs/toy-world.md);
 # "more" is a second round of its training (train_more), 6000 steps that toy/bench/base_longer.py
 # showed to nearly triple how often both objects of a held-out pair are drawn (docs/toy-world.md).
 BATCH = {"vae": 16, "unet": 32, "captioner": 32, "vqa": 32}
-STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420, "bind": 600}
-SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3, "bind": 2.0}
+STEPS = {"vae": 1200, "unet": 9750, "more": 6000, "captioner": 2880, "vqa": 3420, "bind": 600,
+         "relations": 3000}
+SEC_PER_STEP = {"vae": 0.9, "unet": 0.25, "more": 0.25, "captioner": 0.3, "vqa": 0.3, "bind": 2.0,
+                "relations": 0.08}
 # the stages in build order and the model folders each one writes; base: VAE, text encoder, UNet
 # (one pool of latents); more: UNet and text encoder trained on (train_more); bind: a copy of the
-# captioner fine-tuned where the generator reaches (LAT_*), the reward of the binding runs
+# captioner fine-tuned where the generator reaches (LAT_*), the reward of the binding runs; rel: a
+# captioner that knows where things are (POS_NORM, train_relations), then trained as the captioner
+# and the bind stage are, the reward of the spatial runs
 PARTS = {"base": ("unet", "vae", "text_encoder", "tokenizer"), "more": ("unet", "text_encoder"),
-         "captioner": ("captioner",), "vqa": ("vqa",), "bind": ("captioner_bind",)}
+         "captioner": ("captioner",), "vqa": ("vqa",), "bind": ("captioner_bind",),
+         "rel": ("captioner_rel",)}
 STAGES = tuple(PARTS)
+# how often each recipe runs in a whole build: the rel stage repeats the captioner's and the bind's
+RUNS = {"captioner": 2, "bind": 2}
 # train.py's preset for this model, written into the folder as comat.json (flags override it): its
 # captioner, the flat-shape segmenter, a run sized for 2 CPU cores; lr, attention and adversarial
 # weights chosen on the validation prompts (docs/toy-world.md: lr 3e-4 over 1e-4 and 1e-3; w_tok,
@@ -112,6 +119,12 @@ SWAP_MARGIN = 0.2
 # with reshapes at these settings for STEPS["bind"] steps at BIND_LR (docs/toy-world.md, "Binding
 # in the reachable space").
 LAT_N, LAT_EPS, LAT_STEPS, REL_MARGIN, BIND_LR = 16, 0.6, 5, 0.2, 1e-4
+# the rel stage's captioner: patch positions of this norm to start with (blip), and the captions
+# of STEPS["relations"] batches of spatial scenes first (train_relations). With neither, no
+# captioner here ever read a relation (true vs flipped caption 50%); with the positions alone, on
+# spatial captions only, 70% after 1500 steps; within the full recipe, still 50.5%
+# (docs/toy-world.md, "A captioner that reads relations").
+POS_NORM = 20.0
 
 
 def train_scene(rng: np.random.Generator) -> tw.Scene:
@@ -261,9 +274,31 @@ def blip_config(tok, bos: int) -> BlipConfig:
         projection_dim=w)
 
 
-def blip(tok) -> BlipForConditionalGeneration:
-    """The tiny captioner."""
-    return BlipForConditionalGeneration(blip_config(tok, tok.cls_token_id))
+def grid_positions(n: int, dim: int, norm: float) -> torch.Tensor:
+    """(n * n, dim) 2D sine-cosine codes of an n x n patch grid, row-major like BLIP's patches:
+    x in the first half of the channels, y in the second (ViT's fixed layout), `norm` per patch."""
+    freq = torch.exp(-math.log(100.0) * torch.arange(dim // 4) / (dim // 4))  # (dim/4,)
+    ys, xs = torch.meshgrid(torch.arange(n).float(), torch.arange(n).float(), indexing="ij")
+
+    def code(v):  # (n * n,) -> (n * n, dim / 2)
+        angle = v.flatten()[:, None] * freq
+        return torch.cat([angle.sin(), angle.cos()], 1)
+    pos = torch.cat([code(xs), code(ys)], 1)
+    return pos / pos.norm(dim=1, keepdim=True) * norm
+
+
+def blip(tok, pos_norm: float = 0.0) -> BlipForConditionalGeneration:
+    """The tiny captioner. BLIP's vision config starts its learned position embedding at std 1e-10
+    (the real BLIP starts from a pretrained ViT): beside 8px patch embeddings of norm ~17 it stays
+    invisible, and a captioner built so never learns where anything is (true vs flipped relation:
+    50%). pos_norm > 0 starts it at grid_positions of that norm per patch instead."""
+    model = BlipForConditionalGeneration(blip_config(tok, tok.cls_token_id))
+    if pos_norm:
+        emb = model.vision_model.embeddings
+        n = tw.SIZE // BLIP_PATCH
+        with torch.no_grad():  # index 0 is the class token
+            emb.position_embedding[0, 1:] = grid_positions(n, emb.embed_dim, pos_norm)
+    return model
 
 
 def corrupt(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -447,9 +482,35 @@ def captioner_batch(rng: np.random.Generator, g: torch.Generator, n: int, pool=N
     return x, caps
 
 
+def train_relations(model: BlipForConditionalGeneration, tok, steps: int,
+                    seed: int) -> BlipForConditionalGeneration:
+    """The captioner's likelihood of spatial training scenes' prompts alone (batches of
+    BATCH["captioner"], corrupted renders). To say "to the left of" after "a red circle" it must
+    attend to the named object and read its place against the other's, which no other word of the
+    grammar asks for: among all the captions that circuit never starts (the relation stays at
+    chance), on relations alone it does."""
+    torch.manual_seed(seed)
+    rng, g = np.random.default_rng([seed, 5]), torch.Generator().manual_seed(seed)
+    model = model.float().train().requires_grad_(True)
+    cap = Captioner(model, tok)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
+    for _ in tqdm(range(steps), desc="relations", mininterval=10):
+        scenes = []
+        while len(scenes) < BATCH["captioner"]:
+            s = tw.sample_scene(rng, "spatial")
+            if tw.prompt(s) not in HELD_OUT:
+                scenes.append(s)
+        x = corrupt(tw.to_float(np.stack([tw.render(s) for s in scenes])), g)
+        loss = -caption_logprob(cap, x, [tw.prompt(s) for s in scenes]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
 def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
                     init: BlipForConditionalGeneration | None = None, lr: float = 5e-4,
-                    mistake=swap_colours) -> BlipForConditionalGeneration:
+                    mistake=swap_colours, pos_norm: float = 0.0) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
     caption of each picture (captioner_batch), and makes the gradient of that score semantic:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
@@ -468,7 +529,7 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
     init: a captioner to fine-tune (fp32) instead of a new one (toy/bench/reward.py's levers)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
-    model = blip(tok) if init is None else init.float().train().requires_grad_(True)
+    model = blip(tok, pos_norm) if init is None else init.float().train().requires_grad_(True)
     cap = Captioner(model, tok)
     k = int(PGD_P * BATCH["captioner"])
 
@@ -657,7 +718,8 @@ def plan(budget_minutes: float | None) -> dict[str, int]:
     95% of the budget (the rest: encoding the latent pool, saving)."""
     if budget_minutes is None:
         return dict(STEPS)
-    scale = 0.95 * budget_minutes * 60 / sum(STEPS[k] * SEC_PER_STEP[k] for k in STEPS)
+    scale = 0.95 * budget_minutes * 60 / sum(STEPS[k] * SEC_PER_STEP[k] * RUNS.get(k, 1)
+                                             for k in STEPS)
     return {k: max(1, int(STEPS[k] * scale)) for k in STEPS}
 
 
@@ -723,6 +785,18 @@ def build(out: str = "toy/model", seed: int = 0, budget_minutes: float | None = 
                                 mistake=reshape)
         model.half().save_pretrained(bind_dir)
         cap_tok.save_pretrained(bind_dir)
+    if "rel" in only:  # a captioner that reads relations, built as the two above from the start
+        rel_dir = os.path.join(tmp, "captioner_rel")
+        os.makedirs(rel_dir)
+        rtok = blip_tokenizer(rel_dir)
+        cap = train_relations(blip(rtok, POS_NORM), rtok, steps["relations"], seed)
+        n = min(GEN_POOL, BATCH["captioner"] * steps["captioner"])
+        cap = train_captioner(rtok, steps["captioner"], seed, base_samples(tmp, n, seed), init=cap)
+        base = load_pipeline(tmp)
+        model = train_captioner(rtok, steps["bind"], seed, None, base, init=cap, lr=BIND_LR,
+                                mistake=reshape)
+        model.half().save_pretrained(rel_dir)
+        rtok.save_pretrained(rel_dir)
     with open(os.path.join(tmp, "comat.json"), "w") as f:
         json.dump(TRAIN_PRESET, f, indent=1)
         f.write("\n")
