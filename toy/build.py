@@ -510,7 +510,7 @@ def train_relations(model: BlipForConditionalGeneration, tok, steps: int,
 
 def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
                     init: BlipForConditionalGeneration | None = None, lr: float = 5e-4,
-                    mistake=swap_colours, pos_norm: float = 0.0) -> BlipForConditionalGeneration:
+                    mistake=swap_colours) -> BlipForConditionalGeneration:
     """Maximises captioner.caption_logprob (the very score CoMat uses, same prefix) of the TRUE
     caption of each picture (captioner_batch), and makes the gradient of that score semantic:
     - adversarial training: PGD_P of each batch is first pushed by `ascend` towards a confused
@@ -529,7 +529,7 @@ def train_captioner(tok, steps: int, seed: int, pool=None, pipe=None,
     init: a captioner to fine-tune (fp32) instead of a new one (toy/bench/reward.py's levers)."""
     torch.manual_seed(seed)
     rng, g = np.random.default_rng([seed, 3]), torch.Generator().manual_seed(seed)
-    model = blip(tok, pos_norm) if init is None else init.float().train().requires_grad_(True)
+    model = blip(tok) if init is None else init.float().train().requires_grad_(True)
     cap = Captioner(model, tok)
     k = int(PGD_P * BATCH["captioner"])
 
