@@ -127,12 +127,13 @@ LAT_N, LAT_EPS, LAT_STEPS, REL_MARGIN, BIND_LR = 16, 0.6, 5, 0.2, 1e-4
 POS_NORM = 20.0
 
 
-def train_scene(rng: np.random.Generator) -> tw.Scene:
-    """A training scene: kinds in equal shares; two-object scenes whose complete prompt is an
-    evaluation prompt are never seen (by the base model or the captioner), so the evaluation
-    measures held-out combinations. One-object prompts cannot be held out: all 18 are evaluated."""
+def train_scene(rng: np.random.Generator, kind: str | None = None) -> tw.Scene:
+    """A training scene of `kind`, or of the three kinds in equal shares; two-object scenes whose
+    complete prompt is an evaluation prompt are never seen (by the base model or the captioner), so
+    the evaluation measures held-out combinations. One-object prompts cannot be held out: all 18
+    are evaluated."""
     while True:
-        scene = tw.sample_scene(rng, ("one", "two", "spatial")[int(rng.integers(3))])
+        scene = tw.sample_scene(rng, kind or ("one", "two", "spatial")[int(rng.integers(3))])
         if tw.prompt(scene) not in HELD_OUT:
             return scene
 
@@ -495,11 +496,7 @@ def train_relations(model: BlipForConditionalGeneration, tok, steps: int,
     cap = Captioner(model, tok)
     opt = torch.optim.AdamW(model.parameters(), lr=5e-4)
     for _ in tqdm(range(steps), desc="relations", mininterval=10):
-        scenes = []
-        while len(scenes) < BATCH["captioner"]:
-            s = tw.sample_scene(rng, "spatial")
-            if tw.prompt(s) not in HELD_OUT:
-                scenes.append(s)
+        scenes = [train_scene(rng, "spatial") for _ in range(BATCH["captioner"])]
         x = corrupt(tw.to_float(np.stack([tw.render(s) for s in scenes])), g)
         loss = -caption_logprob(cap, x, [tw.prompt(s) for s in scenes]).mean()
         opt.zero_grad()
