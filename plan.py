@@ -313,8 +313,9 @@ def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dic
     ones (the check of the estimate), under CUDA's or the CPU's autocast rules. T = K denoising
     steps has the graph and memory of T = 50; the FLOPs of the T - K steps without graph are added
     from one UNet call."""
-    if cfg.captioner and not os.path.isdir(cfg.captioner):  # else a hub "Repo id" error, later
-        raise SystemExit(f"error: --captioner {cfg.captioner}: no such folder")
+    for path in filter(None, cfg.captioner.split(",")):  # else a hub "Repo id" error, later
+        if not os.path.isdir(path):
+            raise SystemExit(f"error: --captioner {path}: no such folder")
     train.check_size(cfg, vae_config(cfg.model))  # before anything is built
     steps, T = cfg.steps, cfg.total_steps
     cfg = replace(cfg, steps=2, total_steps=cfg.grad_steps, every=10**9,
@@ -329,8 +330,9 @@ def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dic
           Tracker() as tracker, flops() as counter):
         rss0 = rss()
         pipe = pipeline(cfg.model, device, dtype)
-        cap = captioner(cfg.captioner, device, dtype)  # BLIP-large unless a folder is given
-        run = train.setup(cfg, pipe, cap, masks, prompts, device, dtype)
+        # BLIP-large unless a folder is given
+        caps = [captioner(path, device, dtype) for path in cfg.captioner.split(",")]
+        run = train.setup(cfg, pipe, caps, masks, prompts, device, dtype)
         # cached reals are a tensor of the run's size; fly makes them in the step, as train does
         reals = torch.randn(len(prompts), *run.lat_shape) if cfg.real == "cache" else None
         tracker.peak = tracker.live  # the plan's peak and FLOPs are the steps', not the set-up's
@@ -341,7 +343,8 @@ def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dic
             train.update(run, train.losses(run, idx, step), reals, idx)
             step_s = time.perf_counter() - t0  # the last step's: optimiser state exists by then
         models = {"unet": pipe.unet, "discriminator": run.D, "vae": pipe.vae,
-                  "text": torch.nn.ModuleList(pipe.encoders), "captioner": cap.model}
+                  "text": torch.nn.ModuleList(pipe.encoders),
+                  "captioner": torch.nn.ModuleList([c.model for c in caps])}
         extra = (T - cfg.total_steps) * unet_flops(pipe.unet, cfg, cfg.batch, run.lat_shape[-1])
         return report(cfg, tracker, counter, rss0, models, (run.opt, run.opt_d), steps, extra,
                       real, rules, step_s)

@@ -43,6 +43,7 @@ class TrainConfig:
     prompts: str = "prompts.txt"  # one prompt a line, or .jsonl lines {"prompt": ...}
     model: str = "toy/model"      # diffusers folder | original file | hub id | tiny | tiny-sdxl
     captioner: str = ""           # BLIP folder (official: Salesforce/blip-image-captioning-large)
+    #                               or A,B (not in the paper): concept matching reads their mean
     dino: str = ""                # Grounding-DINO folder, with --sam: the official segmenter
     sam: str = ""                 # SAM folder (box prompts; official used FastSAM)
     segmenter: str = "grounded-sam"  # grounded-sam (--dino, --sam; else none) | shapes (flat)
@@ -121,7 +122,7 @@ def parse(argv=None) -> TrainConfig:
 class Run(NamedTuple):
     cfg: TrainConfig
     pipe: Pipeline
-    cap: Captioner
+    caps: list[Captioner]  # concept matching reads their mean, --w_obj the first
     seg: Callable | None  # seg(images, nouns) -> (masks, found); None = attribute concentration off
     prompts: list
     objs: list            # per prompt: segment.Obj per object (noun, words, token positions)
@@ -150,7 +151,7 @@ def check_size(cfg, vae_cfg) -> int:
     return f
 
 
-def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
+def setup(cfg, pipe, caps, seg, prompts, device, dtype, rank=0, world=1) -> Run:
     """LoRA (official) or the whole UNet trainable, the discriminator from a copy of the base UNet
     (--disc shared: on the base itself, with a second LoRA set), both optimisers, the prompts'
     objects and the attention layers. The caller chooses the models (train: from files; plan.py:
@@ -197,7 +198,7 @@ def setup(cfg, pipe, cap, seg, prompts, device, dtype, rank=0, world=1) -> Run:
     # maps per (block, resolution) group: SD1.5 mid_8 up_16 up_32 up_64, SDXL mid_16 up_16 up_32
     blocks = [comat.loss_modules(unet, (w,)) for w in cfg.attn_layers.split(",")]
     detach = pipe.sdxl if cfg.detach is None else cfg.detach  # official: SD1.5 keeps, SDXL detaches
-    run = Run(cfg, pipe, cap, seg, prompts, objs, D, opt, opt_d, params, d_params, blocks,
+    run = Run(cfg, pipe, caps, seg, prompts, objs, D, opt, opt_d, params, d_params, blocks,
               sample.timesteps(cfg.total_steps), sample.alphas_cumprod(),
               (pipe.unet.cfg.in_channels, cfg.size // f, cfg.size // f), detach, (), device, dtype,
               rank, world)
@@ -311,8 +312,8 @@ def losses(run, idx, step) -> Losses:
         z = generate(run, prompts, x_T, g, grads, store_at, maps)
         img = sample.decode(run.pipe, z)  # (B, 3, H, W), about [0, 1], graph kept, not clamped
         # 3. concept matching on a jittered crop
-        cap = comat.caption_loss(caption_logprob(run.cap, img, prompts, smoothing=cfg.smoothing,
-                                                 crop=random_crop(cfg.size, rng)))
+        cap = comat.caption_loss(read(run.caps, img, prompts, smoothing=cfg.smoothing,
+                                      crop=random_crop(cfg.size, rng)))
         # 4. fidelity: the generator's adversarial term, D frozen for this step
         for p in run.d_params:
             p.requires_grad_(False)
@@ -328,7 +329,7 @@ def losses(run, idx, step) -> Losses:
                                                                   for ob in objs])
         if cfg.w_obj:  # 5b. each object alone (or the rest), read as its own phrase
             with autocast(run):
-                obj = object_loss(run.cap, img, objs, masks, found, cfg.smoothing)
+                obj = object_loss(run.caps[0], img, objs, masks, found, cfg.smoothing)
         if cfg.relation_masks:  # 5a'. "A left of B" drawn reversed: each to the other's place
             masks = comat.exchange_reversed(masks, found, direction)
         for group in maps if attend else ():
@@ -342,6 +343,16 @@ def losses(run, idx, step) -> Losses:
     loss = (cfg.w_cap * cap.float() + cfg.w_tok * tok + cfg.w_pix * pix
             + cfg.w_adv * adv.float() + cfg.w_obj * obj.float() + cfg.w_rel * rel).mean()
     return Losses(loss, cap, tok, pix, adv, obj, rel, z, img, maps, prompts, objs, x_T, g)
+
+
+def read(caps, img, prompts, smoothing=0.0, crop=None) -> torch.Tensor:
+    """Concept matching's log-likelihood, (B,): one captioner's, or the mean of several (not in
+    the paper). A captioner can be bought by what it misreads; in the mean, a misreading only one
+    captioner has pays a share, while what the others read keeps its price, so captioners built to
+    read different things (the toy world's: binding, relations) can be combined (docs/toy-world.md,
+    "Two captioners")."""
+    return torch.stack([caption_logprob(c, img, prompts, smoothing=smoothing, crop=crop)
+                        for c in caps]).mean(0)
 
 
 def directions(prompts, objs, device) -> torch.Tensor:
@@ -466,11 +477,11 @@ def train(cfg: TrainConfig):
     if not cfg.captioner:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
     try:
-        cap = load_captioner(cfg.captioner, device, dtype)
+        caps = [load_captioner(c, device, dtype) for c in cfg.captioner.split(",")]
         seg = segmenter(cfg, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    run = setup(cfg, pipe, cap, seg, prompts, device, dtype, rank, world)
+    run = setup(cfg, pipe, caps, seg, prompts, device, dtype, rank, world)
     os.makedirs(cfg.out, exist_ok=True)
     real = real_latents(run)
 

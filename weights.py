@@ -577,9 +577,10 @@ def folder_preset(model: str) -> dict:
     segmenter and run sizes); paths in it are relative to the folder. {} when there is none."""
     path, raw = comat_json(model)  # _: comments; vocabulary: see unknown_words
     preset = {k: v for k, v in raw.items() if not k.startswith("_") and k != "vocabulary"}
-    for k in ("captioner", "dino", "sam"):
+    for k in ("captioner", "dino", "sam"):  # captioner: one folder or a comma-separated list
         if preset.get(k):
-            preset[k] = os.path.relpath(os.path.join(os.path.dirname(path), preset[k]))
+            preset[k] = ",".join(os.path.relpath(os.path.join(os.path.dirname(path), p))
+                                 for p in preset[k].split(","))
     return preset
 
 

@@ -170,8 +170,8 @@ def step_check(label, argv, device, iters, est, max_batch):
         prompts = sample.read_prompts(cfg.prompts)
         with torch.device(device):  # random init on the GPU: minutes faster than on the CPU
             pipe = plan.pipeline(cfg.model, device, dtype)
-            cap = plan.captioner(cfg.captioner, device, dtype)
-        run = train.setup(replace(cfg, out=tempfile.mkdtemp(prefix="gpu-check-")), pipe, cap,
+            caps = [plan.captioner(c, device, dtype) for c in cfg.captioner.split(",")]
+        run = train.setup(replace(cfg, out=tempfile.mkdtemp(prefix="gpu-check-")), pipe, caps,
                           plan.masks, prompts, device, dtype)
         reals = torch.randn(len(prompts), *run.lat_shape)
         state = {"step": 0}
@@ -211,7 +211,7 @@ def step_check(label, argv, device, iters, est, max_batch):
            "measured_over_planned": peak / GiB / est["peak"], "sec_per_step": sec,
            "tflop_per_step": est["flops"] / 1e12, "largest_batch": largest,
            "planned_batch_fit": est["batch_fit"]}
-    del run, pipe, cap
+    del run, pipe, caps
     return row
 
 

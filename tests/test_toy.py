@@ -105,7 +105,7 @@ def test_per_object_reward_reads_each_object_and_drops_none():
     colour, so the true prompt beats the colour swap; and an object left out of the picture
     costs likelihood (its phrase is read in the rest of the picture) instead of losing its term."""
     from toy.bench.reward import rewards
-    reward = rewards(captioner.load_captioner(toy.CAPTIONER), weights.load(toy.MODEL))["objects"]
+    reward = rewards([captioner.load_captioner(toy.CAPTIONER)], weights.load(toy.MODEL))["objects"]
     rng = np.random.default_rng(7)
     two = [s for s in (tw.sample_scene(rng, "two") for _ in range(60))
            if s.objects[0].colour != s.objects[1].colour

@@ -245,7 +245,7 @@ def test_shared_discriminator_and_generator_steps_change_only_their_own_weights(
     weights exactly as they were: the generator's step touches no discriminator weight and the
     discriminator's step none of the generator's, though both live on one UNet."""
     cfg = train.parse(world["args"] + ["--disc", "shared"])
-    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner),
+    r = train.setup(cfg, sample.load("tiny"), [load_captioner(cfg.captioner)],
                     train.segmenter(cfg, "cpu"), PROMPTS, "cpu", torch.float32)
     real = torch.randn(len(PROMPTS), *r.lat_shape)
     for step, (lr, lr_d) in enumerate(((1e-3, 0.0), (0.0, 1e-3))):  # step 1: the sets differ
@@ -299,10 +299,35 @@ def test_w_obj_alone_keeps_the_segmenter_and_stores_no_maps(world):
         B, _, H, W = images.shape
         K = max(len(n) for n in nouns)
         return torch.ones(B, K, H, W, dtype=torch.bool), torch.ones(B, K, dtype=torch.bool)
-    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner), everything, PROMPTS,
+    r = train.setup(cfg, sample.load("tiny"), [load_captioner(cfg.captioner)], everything, PROMPTS,
                     "cpu", torch.float32)
     out = train.losses(r, [0, 1], 0)
     assert out.maps == [] and (out.tok == 0).all() and (out.obj > 0).all()
+
+
+def test_several_captioners_pay_their_mean_and_the_first_reads_the_objects(world, tmp_path):
+    """--captioner A,B: concept matching is the mean of A's and B's losses on the same picture
+    and crop; --w_obj's objects are read by A alone. From the command line too: a step trains."""
+    torch.manual_seed(1)
+    other = tiny_blip(str(tmp_path / "blip2"))  # same shape, other weights
+    cfg = train.parse(world["args"] + ["--w_obj", "1"])
+    a, b = load_captioner(cfg.captioner), load_captioner(other)
+
+    def everything(images, nouns):
+        B, _, H, W = images.shape
+        K = max(len(n) for n in nouns)
+        return torch.ones(B, K, H, W, dtype=torch.bool), torch.ones(B, K, dtype=torch.bool)
+    out = {}
+    for name, caps in (("a", [a]), ("b", [b]), ("ab", [a, b])):
+        r = train.setup(cfg, sample.load("tiny"), caps, everything, PROMPTS, "cpu", torch.float32)
+        out[name] = train.losses(r, [0, 1], 0)
+    assert torch.equal(out["a"].img, out["ab"].img)  # the same draws
+    assert (out["a"].cap - out["b"].cap).abs().min() > 1e-4  # two different readers
+    torch.testing.assert_close(out["ab"].cap, (out["a"].cap + out["b"].cap) / 2)
+    assert (out["a"].obj - out["b"].obj).abs().min() > 1e-4
+    assert torch.equal(out["ab"].obj, out["a"].obj)  # the first captioner reads the objects
+    run(world, tmp_path / "cli", "--steps", "1", "--captioner", f"{other},{cfg.captioner}")
+    assert json.loads((tmp_path / "cli" / "log.jsonl").read_text())["cap"] > 0
 
 
 def test_relation_masks_exchange_where_the_relation_is_drawn_reversed(world):
@@ -318,7 +343,7 @@ def test_relation_masks_exchange_where_the_relation_is_drawn_reversed(world):
     out = {}
     for flag in ("--no-relation_masks", "--relation_masks"):
         cfg = train.parse(world["args"] + ["--batch", "4", flag])
-        r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner), right_of,
+        r = train.setup(cfg, sample.load("tiny"), [load_captioner(cfg.captioner)], right_of,
                         PROMPTS, "cpu", torch.float32)
         out[flag] = train.losses(r, [0, 1, 2, 3], 0)
     off, on = out["--no-relation_masks"], out["--relation_masks"]
@@ -333,7 +358,7 @@ def test_w_rel_alone_stores_maps_and_scores_the_relation(world):
     prompts with a relation ("on the left of", "above") a term, and only them."""
     cfg = train.parse(world["args"] + ["--w_tok", "0", "--w_pix", "0", "--w_rel", "1",
                                        "--batch", "4"])
-    r = train.setup(cfg, sample.load("tiny"), load_captioner(cfg.captioner), None, PROMPTS,
+    r = train.setup(cfg, sample.load("tiny"), [load_captioner(cfg.captioner)], None, PROMPTS,
                     "cpu", torch.float32)
     out = train.losses(r, [0, 1, 2, 3], 0)
     assert out.maps and (out.tok == 0).all() and (out.rel[[0, 2]] == 0).all()

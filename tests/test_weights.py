@@ -365,3 +365,13 @@ def test_bpe_file_of_open_clip():
     tok = weights.bpe_tokenizer(weights.bpe_file())
     assert len(tok) == 49408 and tok("a photo of a cat").input_ids == [
         49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_a_folders_preset_resolves_each_of_several_captioners(tmp_path):
+    """comat.json paths are relative to the model folder; --captioner may list several."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "comat.json").write_text('{"captioner": "c1,sub/c2", "sam": "s", "steps": 3}')
+    p = weights.folder_preset(str(tmp_path / "m"))
+    assert [os.path.abspath(c) for c in p["captioner"].split(",")] == [
+        str(tmp_path / "m" / "c1"), str(tmp_path / "m" / "sub" / "c2")]
+    assert os.path.abspath(p["sam"]) == str(tmp_path / "m" / "s") and p["steps"] == 3

@@ -14,11 +14,13 @@ for one or more captioner folders, on scenes no captioner was trained on (seed 1
     through the decoder towards a recoloured, colour-swapped or relation-flipped prompt; does the
     reward prefer the target only where the evaluator reads it? For three rewards: the captioner
     on the whole image (concept matching), each object alone (train.py --w_obj's term) and
-    their sum (--w_obj 1).
+    their sum (--w_obj 1); "A+B" in --captioners (f only) is train.py --captioner A,B: the
+    whole image read by the mean of A and B, the objects by A.
 Writes a JSON of the figures, a markdown table and a PNG of the ascents (per captioner, a row at
 the small and a row at the large budget, under the clean renders).
 Usage: python -m toy.bench.reward --captioners OLD_FOLDER,toy/model/captioner [--n 16]
        [--out runs/reward] [--only-samples | --only-reach]
+       python -m toy.bench.reward --only-reach --captioners A,A+B
 """
 import argparse
 import json
@@ -114,21 +116,23 @@ def reach_key(reward: str, target: str, eps: float) -> str:
     return f"{'' if reward == 'caption' else reward + ':'}{target}_{eps:g}"
 
 
-def rewards(cap, pipe) -> dict:
-    """The rewards CoMat's generator can ascend, as (images, prompts) -> (B,) log-likelihoods:
-    the caption of the whole image (concept matching), each object alone (train.object_loss
-    with the flat-shape segmenter, re-segmented at every call: --w_obj's term) and their sum."""
+def rewards(caps, pipe) -> dict:
+    """The rewards CoMat's generator can ascend with captioners `caps` (train.py --captioner
+    A,B,...), as (images, prompts) -> (B,) log-likelihoods: the caption of the whole image
+    (concept matching, train.read), each object alone (train.object_loss with the first
+    captioner and the flat-shape segmenter, re-segmented at every call: --w_obj's term) and
+    their sum."""
     parse = cache(partial(objects, pipe.tokenizers[0]))  # the same prompts at every ascent step
 
     def alone(x, prompts):
         objs = [parse(p) for p in prompts]
         masks, found = shapes(x.detach(), [[o.noun for o in ob] for ob in objs])
-        return -train.object_loss(cap, x, objs, masks, found)
-    whole = partial(caption_logprob, cap)
+        return -train.object_loss(caps[0], x, objs, masks, found)
+    whole = partial(train.read, caps)
     return dict(zip(REWARDS, (whole, alone, lambda x, p: whole(x, p) + alone(x, p))))
 
 
-def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
+def reachable(caps, pipe, n: int, seed: int = 4321) -> dict:
     """(f) The reward where the generator can move an image: ascent on the toy VAE latent of a
     clean render (build.ascend_latent, through the decoder, as CoMat's gradient goes) towards a
     target prompt, per budget; n scenes per target: one object recoloured (the next palette
@@ -161,7 +165,7 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
         latents = {name: pipe.vae.encode(tb.images(scenes))[0] * pipe.vae.cfg.scale
                    for name, (scenes, _) in targets.items()}
     out = {}
-    for rname, reward in rewards(cap, pipe).items():
+    for rname, reward in rewards(caps, pipe).items():
         for name, (scenes, target) in targets.items():
             true, z = [tw.prompt(s) for s in scenes], latents[name]
             for eps in (0.0, *REACH_BUDGETS):
@@ -182,6 +186,8 @@ def reachable(cap, pipe, n: int, seed: int = 4321) -> dict:
 
 def label(folder: str) -> str:
     """A captioner folder's short name: its parent's when it is called captioner."""
+    if "+" in folder:
+        return "+".join(label(f) for f in folder.split("+"))
     parts = os.path.normpath(folder).split(os.sep)
     return "/".join(parts[-2:]) if parts[-1] == "captioner" and len(parts) > 1 else parts[-1]
 
@@ -238,7 +244,7 @@ ROWS = [("(a) small-budget ascent: rise of the wrong prompt (nats/token)", "smal
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--captioners", default=toy.CAPTIONER,
-                    help="comma-separated captioner folders")
+                    help="comma-separated captioner folders; A+B: read together (--only-reach)")
     ap.add_argument("--n", type=int, default=16, help="scenes per measurement")
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "reward"))
     ap.add_argument("--only-samples", action="store_true", help="print (e) only")
@@ -247,10 +253,13 @@ def main():
     torch.manual_seed(0)
     os.makedirs(a.out, exist_ok=True)
     folders = a.captioners.split(",")
+    if not a.only_reach and any("+" in f for f in folders):
+        raise SystemExit("error: --captioners A+B (read together) is measured with --only-reach")
     results, rows = {}, []
     pipe = weights.load(toy.MODEL)
     if a.only_reach:
-        reach = {f: reachable(load_captioner(f), pipe, a.n) for f in folders}
+        reach = {f: reachable([load_captioner(c) for c in f.split("+")], pipe, a.n)
+                 for f in folders}
         lines = reach_table(reach)
         print("\n".join(lines))
         with open(os.path.join(a.out, "reach.md"), "w") as fh:
@@ -264,7 +273,7 @@ def main():
             continue
         res, imgs = measure(cap, a.n)
         res.update(on_samples(cap, pipe))
-        res.update(reachable(cap, pipe, a.n))
+        res.update(reachable([cap], pipe, a.n))
         results[f] = res
         rows.append(imgs[a.n:] if rows else imgs)  # the clean renders once, then the ascents
         print(f, json.dumps({k: round(v, 3) for k, v in res.items()}))
