@@ -313,7 +313,8 @@ def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dic
     ones (the check of the estimate), under CUDA's or the CPU's autocast rules. T = K denoising
     steps has the graph and memory of T = 50; the FLOPs of the T - K steps without graph are added
     from one UNet call."""
-    for path in filter(None, cfg.captioner.split(",")):  # else a hub "Repo id" error, later
+    paths = [c.strip() for c in cfg.captioner.split(",") if c.strip()] or [""]  # "": BLIP-large
+    for path in filter(None, paths):  # else a hub "Repo id" error, later
         if not os.path.isdir(path):
             raise SystemExit(f"error: --captioner {path}: no such folder")
     train.check_size(cfg, vae_config(cfg.model))  # before anything is built
@@ -330,8 +331,7 @@ def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dic
           Tracker() as tracker, flops() as counter):
         rss0 = rss()
         pipe = pipeline(cfg.model, device, dtype)
-        # BLIP-large unless a folder is given
-        caps = [captioner(path, device, dtype) for path in cfg.captioner.split(",")]
+        caps = [captioner(path, device, dtype) for path in paths]
         run = train.setup(cfg, pipe, caps, masks, prompts, device, dtype)
         # cached reals are a tensor of the run's size; fly makes them in the step, as train does
         reals = torch.randn(len(prompts), *run.lat_shape) if cfg.real == "cache" else None

@@ -474,10 +474,11 @@ def train(cfg: TrainConfig):
     if rank == 0:
         sample.warn_unknown(cfg.model, prompts)
     check_size(cfg, pipe.vae.cfg)  # before BLIP and the segmenter are loaded
-    if not cfg.captioner:
+    paths = [c.strip() for c in cfg.captioner.split(",") if c.strip()]  # "A," reads as "A"
+    if not paths:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
     try:
-        caps = [load_captioner(c, device, dtype) for c in cfg.captioner.split(",")]
+        caps = [load_captioner(c, device, dtype) for c in paths]
         seg = segmenter(cfg, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
