@@ -313,7 +313,7 @@ def plan(cfg: train.TrainConfig, real: bool = False, rules: str = "cuda") -> dic
     ones (the check of the estimate), under CUDA's or the CPU's autocast rules. T = K denoising
     steps has the graph and memory of T = 50; the FLOPs of the T - K steps without graph are added
     from one UNet call."""
-    paths = [c.strip() for c in cfg.captioner.split(",") if c.strip()] or [""]  # "": BLIP-large
+    paths = train.captioner_paths(cfg.captioner) or [""]  # "": BLIP-large
     for path in filter(None, paths):  # else a hub "Repo id" error, later
         if not os.path.isdir(path):
             raise SystemExit(f"error: --captioner {path}: no such folder")

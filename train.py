@@ -345,6 +345,11 @@ def losses(run, idx, step) -> Losses:
     return Losses(loss, cap, tok, pix, adv, obj, rel, z, img, maps, prompts, objs, x_T, g)
 
 
+def captioner_paths(spec: str) -> list[str]:
+    """--captioner's folders: "A,B" -> ["A", "B"]; empty entries dropped ("A," reads as "A")."""
+    return [c.strip() for c in spec.split(",") if c.strip()]
+
+
 def read(caps, img, prompts, smoothing=0.0, crop=None) -> torch.Tensor:
     """Concept matching's log-likelihood, (B,): one captioner's, or the mean of several (not in
     the paper). A captioner can be bought by what it misreads; in the mean, a misreading only one
@@ -474,7 +479,7 @@ def train(cfg: TrainConfig):
     if rank == 0:
         sample.warn_unknown(cfg.model, prompts)
     check_size(cfg, pipe.vae.cfg)  # before BLIP and the segmenter are loaded
-    paths = [c.strip() for c in cfg.captioner.split(",") if c.strip()]  # "A," reads as "A"
+    paths = captioner_paths(cfg.captioner)
     if not paths:
         raise SystemExit("error: --captioner BLIP_FOLDER is required (concept matching)")
     try:

@@ -170,7 +170,8 @@ def step_check(label, argv, device, iters, est, max_batch):
         prompts = sample.read_prompts(cfg.prompts)
         with torch.device(device):  # random init on the GPU: minutes faster than on the CPU
             pipe = plan.pipeline(cfg.model, device, dtype)
-            caps = [plan.captioner(c, device, dtype) for c in cfg.captioner.split(",")]
+            caps = [plan.captioner(c, device, dtype)
+                    for c in train.captioner_paths(cfg.captioner) or [""]]
         run = train.setup(replace(cfg, out=tempfile.mkdtemp(prefix="gpu-check-")), pipe, caps,
                           plan.masks, prompts, device, dtype)
         reals = torch.randn(len(prompts), *run.lat_shape)
