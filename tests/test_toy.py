@@ -168,3 +168,22 @@ def test_rel_captioner_reads_relations():
             right[folder] = (score(true) > score(flipped)).float().mean().item()
     assert right[toy.CAPTIONER_REL] > 0.85, right
     assert max(right[toy.CAPTIONER], right[toy.CAPTIONER_BIND]) < 0.65, right
+
+
+def test_truth_bench_trains_what_it_says_and_writes_a_loadable_model(tmp_path):
+    """toy.bench.truth: the LoRA alone moves (text encoder untouched), or with --text the encoder
+    too; the model folder it writes loads with the weights and the trained encoder."""
+    from toy.bench import truth
+    for text in (False, True):
+        pipe = sample.load(toy.MODEL)
+        enc0 = [p.detach().clone() for p in pipe.encoders[0].parameters()]
+        truth.train(pipe, steps=2, batch=2, kind="spatial", seed=0, text=text, full=False)
+        moved = [not torch.equal(a, b) for a, b in zip(enc0, pipe.encoders[0].parameters())]
+        assert any(moved) == text
+        path, model = truth.save(pipe, str(tmp_path / str(text)), text, full=False)
+        lora = load_file(path)
+        assert lora and any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+        again = sample.load_or_exit(model, lora=path)
+        want = pipe.encoders[0].half().float()  # saved in fp16, as shipped
+        for a, b in zip(want.parameters(), again.encoders[0].parameters()):
+            torch.testing.assert_close(a.float(), b.float())
