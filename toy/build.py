@@ -210,6 +210,15 @@ def text_encoder(tok) -> CLIPTextModel:
                                        pad_token_id=tok.pad_token_id, **TEXT))
 
 
+def diffusion_loss(unet, z0: torch.Tensor, context: torch.Tensor, abar: torch.Tensor):
+    """eps-prediction MSE at uniformly drawn timesteps (torch's generator): z0 (B, 4, 16, 16)."""
+    t = torch.randint(0, len(abar), (len(z0),))
+    eps = torch.randn_like(z0)
+    a = abar[t][:, None, None, None]
+    zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion q(z_t | z_0)
+    return F.mse_loss(unet(zt, t, context), eps)
+
+
 def train_unet(scenes, latents, steps: int, seed: int, start=None
                ) -> tuple[UNet, object, CLIPTextModel]:
     """eps-prediction with SD's noise schedule, text encoder trained jointly, on (latent,
@@ -226,12 +235,7 @@ def train_unet(scenes, latents, steps: int, seed: int, start=None
         caps = ["" if rng.random() < EMPTY_P else
                 tw.caption(scenes[j], rng, DROP_OBJECT_P, DROP_COLOUR_P) for j in idx]
         ids = tok(caps, padding="max_length", max_length=MAX_TOKENS, return_tensors="pt")
-        z0 = latents[torch.from_numpy(idx)]
-        t = torch.randint(0, len(abar), (len(idx),))
-        eps = torch.randn_like(z0)
-        a = abar[t][:, None, None, None]
-        zt = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion q(z_t | z_0)
-        return F.mse_loss(unet(zt, t, enc(ids.input_ids)[0]), eps)
+        return diffusion_loss(unet, latents[torch.from_numpy(idx)], enc(ids.input_ids)[0], abar)
     optimise([*unet.parameters(), *enc.parameters()], steps, 5e-4, loss, "unet + text")
     return unet.eval(), tok, enc.eval()
 

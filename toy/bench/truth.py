@@ -10,12 +10,12 @@ Usage: python -m toy.bench.truth [--steps 2000] [--batch 32] [--kind all|one|two
                                  [--text] [--full] [--split val|eval] [--out runs/truth]
 """
 import argparse
+import copy
 import os
+import shutil
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import save_file
 from tqdm import tqdm
 
 import sample
@@ -24,9 +24,9 @@ from toy import build as tb
 from toy import eval as toy_eval
 from toy import world as tw
 from unet import add_lora, lora_state_dict
+from weights import save_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-EMPTY_P = 0.1  # empty captions, for classifier-free guidance
 
 
 def train(pipe, steps: int, batch: int, kind: str | None, seed: int, text: bool, full: bool):
@@ -53,15 +53,12 @@ def train(pipe, steps: int, batch: int, kind: str | None, seed: int, text: bool,
         scenes = [tb.train_scene(rng, kind) for _ in range(batch)]
         with torch.no_grad():
             z0 = vae.encode(tb.images(scenes))[0] * vae.cfg.scale  # (B, 4, 16, 16)
-        caps = ["" if rng.random() < EMPTY_P else tw.prompt(s) for s in scenes]
+        caps = ["" if rng.random() < tb.EMPTY_P else tw.prompt(s) for s in scenes]
         ids = tok(caps, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids
         with torch.set_grad_enabled(text):
-            c = enc(ids)[0]
-        t = torch.randint(0, len(abar), (batch,))
-        eps = torch.randn_like(z0)
-        a = abar[t][:, None, None, None]
-        loss = F.mse_loss(unet(a.sqrt() * z0 + (1 - a).sqrt() * eps, t, c), eps)
+            c = enc(ids)[0]  # (B, 16, 64)
+        loss = tb.diffusion_loss(unet, z0, c, abar)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -69,21 +66,22 @@ def train(pipe, steps: int, batch: int, kind: str | None, seed: int, text: bool,
 
 
 def save(pipe, out: str, text: bool, full: bool) -> tuple[str, str]:
-    """The trained weights and a model folder (the shipped parts linked, the text encoder written
-    when trained); returns (weights file, model folder)."""
-    model = os.path.join(out, "model")
-    os.makedirs(model, exist_ok=True)
+    """The trained weights and a model folder, made anew (the shipped parts linked, the text
+    encoder written when trained); returns (weights file, model folder)."""
+    os.makedirs(out, exist_ok=True)
+    model, tmp = os.path.join(out, "model"), os.path.join(out, "model.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # links only: the shipped parts are never touched
+    os.makedirs(tmp)
     for part in os.listdir(toy.MODEL):
-        if not (text and part == "text_encoder") and not os.path.lexists(os.path.join(model, part)):
-            os.symlink(os.path.abspath(os.path.join(toy.MODEL, part)), os.path.join(model, part))
-    if text:
-        pipe.encoders[0].eval().half().save_pretrained(os.path.join(model, "text_encoder"))
-    if full:
-        path = os.path.join(out, "unet.safetensors")
-        save_file({k: v.detach().contiguous() for k, v in pipe.unet.state_dict().items()}, path)
-    else:
-        path = os.path.join(out, "lora.safetensors")
-        save_file(lora_state_dict(pipe.unet), path)
+        if not (text and part == "text_encoder"):
+            os.symlink(os.path.abspath(os.path.join(toy.MODEL, part)), os.path.join(tmp, part))
+    if text:  # fp16, as shipped
+        copy.deepcopy(pipe.encoders[0]).eval().half().save_pretrained(
+            os.path.join(tmp, "text_encoder"))
+    shutil.rmtree(model, ignore_errors=True)
+    os.replace(tmp, model)
+    path = os.path.join(out, "unet.safetensors" if full else "lora.safetensors")
+    save_weights(pipe.unet.state_dict() if full else lora_state_dict(pipe.unet), path)
     return path, model
 
 
